@@ -1,0 +1,154 @@
+"""Merge strategies: many ranked lists in, one deduplicated ranking with provenance out.
+
+Everything is a few vectorised passes over the concatenated lists (concatenate, unique,
+bincount, lexsort): merging 4 x 1,000 candidates costs well under a millisecond. Results depend
+only on the lists and their order in the config, never on which source finished first; ties are
+broken by item id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["Merged", "SourceList", "merge", "unify_id_dtypes"]
+
+Strategy = Literal["rrf", "quota", "score"]
+
+
+@dataclass(slots=True)
+class SourceList:
+    """One source's surviving candidates: ids, scores and their rank in the source's own list."""
+
+    ids: npt.NDArray[Any]
+    scores: npt.NDArray[np.float32]
+    ranks: npt.NDArray[np.int32]
+    weight: float = 1.0
+    quota: int | None = None
+
+
+@dataclass(slots=True)
+class Merged:
+    item_ids: npt.NDArray[Any]
+    scores: npt.NDArray[np.float32]
+    ranks: npt.NDArray[np.int32]  # (n, n_sources), -1 where absent
+
+
+def unify_id_dtypes(arrays: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
+    """Integer ids stay int64; if any source speaks strings, everyone does."""
+    if any(a.dtype.kind in "US" for a in arrays if a.size):
+        return [a.astype(str) if a.dtype.kind not in "US" else a for a in arrays]
+    return [a.astype(np.int64, copy=False) for a in arrays]
+
+
+def merge(lists: Sequence[SourceList | None], k: int, strategy: Strategy, rrf_k: float) -> Merged:
+    """Blend ``lists`` (one slot per configured source, None when it produced nothing)."""
+    n_sources = len(lists)
+    present = [(j, s) for j, s in enumerate(lists) if s is not None and s.ids.size]
+    if not present or k <= 0:
+        return Merged(
+            np.empty(0, dtype=np.int64),
+            np.empty(0, dtype=np.float32),
+            np.empty((0, n_sources), dtype=np.int32),
+        )
+    ids = np.concatenate(unify_id_dtypes([s.ids for _, s in present]))
+    src = np.concatenate([np.full(s.ids.size, j, dtype=np.int32) for j, s in present])
+    rank = np.concatenate([s.ranks for _, s in present])
+    uniq, inv = np.unique(ids, return_inverse=True)
+    inv = inv.ravel()
+    ranks = np.full((uniq.size, n_sources), -1, dtype=np.int32)
+    # Reverse so that, if a source broke the contract and repeated an id, its best rank wins.
+    ranks[inv[::-1], src[::-1]] = rank[::-1]
+
+    if strategy == "quota":
+        order, scores = _quota_order(present, uniq, inv, src, k)
+        return Merged(uniq[order], scores, ranks[order])
+
+    if strategy == "rrf":
+        weights = np.array([s.weight for _, s in present], dtype=np.float64)
+        wsrc = np.repeat(weights, [s.ids.size for _, s in present])
+        contrib = wsrc / (rrf_k + rank.astype(np.float64) + 1.0)
+    else:  # score: min-max normalised per source, times weight
+        parts = []
+        for _, s in present:
+            sc = s.scores.astype(np.float64)
+            lo, hi = float(sc.min()), float(sc.max())
+            norm = (sc - lo) / (hi - lo) if hi > lo else np.ones_like(sc)
+            parts.append(norm * s.weight)
+        contrib = np.concatenate(parts)
+    blended = np.bincount(inv, weights=contrib, minlength=uniq.size)
+    order = np.lexsort((uniq, -blended))[:k]
+    return Merged(uniq[order], blended[order].astype(np.float32), ranks[order])
+
+
+def _quota_order(
+    present: Sequence[tuple[int, SourceList]],
+    uniq: npt.NDArray[Any],
+    inv: npt.NDArray[np.intp],
+    src: npt.NDArray[np.int32],
+    k: int,
+) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float32]]:
+    """Each source in priority order fills its quota with items no earlier source took; slots a
+    source cannot fill go to the others round-robin; the slate interleaves sources by rank."""
+    n = uniq.size
+    quotas = _quotas([s for _, s in present], k)
+    taken = np.zeros(n, dtype=bool)
+    pos_in_src = np.zeros(inv.size, dtype=np.int64)  # position among the source's own picks
+    picked = np.zeros(inv.size, dtype=bool)
+    start = 0
+    for (_, s), q in zip(present, quotas, strict=True):
+        stop = start + s.ids.size
+        cand = inv[start:stop]
+        free = ~taken[cand]
+        # First occurrence within this source only (contract says unique; be safe anyway).
+        keep = free & (np.cumsum(free) <= q)
+        chosen = cand[keep]
+        taken[chosen] = True
+        picked[start:stop] = keep
+        pos_in_src[start:stop][keep] = np.arange(chosen.size)
+        start = stop
+    # Unused quota: leftover entries, interleaved by their position in what is left of each list.
+    remaining = k - int(picked.sum())
+    extra_mask = np.zeros(inv.size, dtype=bool)
+    if remaining > 0:
+        left = ~picked & ~taken[inv]
+        left_pos = np.zeros(inv.size, dtype=np.int64)
+        start = 0
+        for _, s in present:
+            stop = start + s.ids.size
+            seg = left[start:stop]
+            left_pos[start:stop][seg] = np.arange(int(seg.sum()))
+            start = stop
+        cand_idx = np.flatnonzero(left)
+        order = np.lexsort((src[cand_idx], left_pos[cand_idx]))
+        cand_idx = cand_idx[order]
+        _, first = np.unique(inv[cand_idx], return_index=True)
+        extra = cand_idx[np.sort(first)][:remaining]
+        extra_mask[extra] = True
+        pos_in_src[extra] = np.arange(extra.size)
+    # Slate order: quota picks interleaved by (position, priority), then redistributed extras.
+    sel = np.flatnonzero(picked | extra_mask)
+    phase = extra_mask[sel].astype(np.int8)
+    order = np.lexsort((src[sel], pos_in_src[sel], phase))
+    rows = inv[sel[order]][:k]
+    m = rows.size
+    scores = (1.0 - np.arange(m, dtype=np.float32) / max(m, 1)).astype(np.float32)
+    return rows, scores
+
+
+def _quotas(lists: Sequence[SourceList], k: int) -> list[int]:
+    """Explicit quotas as given; sources without one share what is left of k equally."""
+    fixed = sum(s.quota for s in lists if s.quota is not None)
+    free = [i for i, s in enumerate(lists) if s.quota is None]
+    share, rest = divmod(max(k - fixed, 0), len(free)) if free else (0, 0)
+    out = []
+    for i, s in enumerate(lists):
+        if s.quota is not None:
+            out.append(s.quota)
+        else:
+            out.append(share + (1 if free.index(i) < rest else 0))
+    return out

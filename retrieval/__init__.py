@@ -1,0 +1,91 @@
+"""candidate-retrieval: narrow a catalog of millions to ~1,000 candidates per user, in time.
+
+Exports load lazily: ``retrieval.types`` is the ground floor every layer imports, so importing
+this package must not pull in the blender and the sources (that would be an import cycle).
+"""
+
+import importlib as _importlib
+import logging as _logging
+import typing as _typing
+
+if _typing.TYPE_CHECKING:
+    from blender.fanout import RequiredSourceError
+    from retrieval.config import ConfigError, RetrievalConfig, load_config
+    from retrieval.retriever import Retriever, blend
+    from retrieval.store import Event, MemoryStore, Store
+    from retrieval.types import (
+        Candidate,
+        CandidateSet,
+        Deadline,
+        Request,
+        SourceReport,
+        SourceStatus,
+    )
+    from sources.base import Need, SkipSource, Source, SourceContext, SourceParams, register
+
+__version__ = "0.1.0"
+
+_EXPORTS: dict[str, str] = {
+    "Candidate": "retrieval.types",
+    "CandidateSet": "retrieval.types",
+    "ConfigError": "retrieval.config",
+    "Deadline": "retrieval.types",
+    "Event": "retrieval.store",
+    "MemoryStore": "retrieval.store",
+    "Need": "sources.base",
+    "Request": "retrieval.types",
+    "RequiredSourceError": "blender.fanout",
+    "RetrievalConfig": "retrieval.config",
+    "Retriever": "retrieval.retriever",
+    "SkipSource": "sources.base",
+    "Source": "sources.base",
+    "SourceContext": "sources.base",
+    "SourceParams": "sources.base",
+    "SourceReport": "retrieval.types",
+    "SourceStatus": "retrieval.types",
+    "Store": "retrieval.store",
+    "blend": "retrieval.retriever",
+    "load_config": "retrieval.config",
+    "register": "sources.base",
+}
+
+__all__ = [
+    "Candidate",
+    "CandidateSet",
+    "ConfigError",
+    "Deadline",
+    "Event",
+    "MemoryStore",
+    "Need",
+    "Request",
+    "RequiredSourceError",
+    "RetrievalConfig",
+    "Retriever",
+    "SkipSource",
+    "Source",
+    "SourceContext",
+    "SourceParams",
+    "SourceReport",
+    "SourceStatus",
+    "Store",
+    "__version__",
+    "blend",
+    "load_config",
+    "register",
+]
+
+
+def __getattr__(name: str) -> _typing.Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'retrieval' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+_logging.getLogger(__name__).addHandler(_logging.NullHandler())

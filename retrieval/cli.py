@@ -1,0 +1,92 @@
+"""The ``retrieval`` command line. Exit codes: 0 ok, 1 runtime failure, 2 bad config or input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from retrieval.config import ConfigError, load_config
+
+__all__ = ["main"]
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _validate(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(json.dumps(config.model_dump(mode="json"), indent=2))
+    print(f"{args.config}: ok ({len(config.sources)} sources)", file=sys.stderr)
+    return 0
+
+
+def _blend(args: argparse.Namespace) -> int:
+    from retrieval.retriever import Retriever
+
+    user: int | str = int(args.user) if args.user.lstrip("-").isdigit() else args.user
+    history = [int(h) if h.lstrip("-").isdigit() else h for h in args.history or []]
+    context = dict(kv.split("=", 1) for kv in args.context or [])
+    with Retriever.from_yaml(args.config) as retriever:
+        result = retriever.blend(user_id=user, history=history, k=args.k, context=context)
+    if args.json:
+        print(result.to_json())
+        return 0
+    shown = min(len(result), args.show)
+    print(f"{len(result)} candidates in {result.elapsed_ms:.2f} ms (showing {shown})")
+    for c in list(result)[:shown]:
+        prov = ", ".join(f"{name}#{rank}" for name, rank in c.ranks.items())
+        print(f"  {c.item_id!s:>14}  {c.score:9.5f}  {prov}")
+    print("sources:")
+    for r in result.reports:
+        extra = f"  ({r.error})" if r.error else ""
+        print(
+            f"  {r.name:<16} {r.status.value:<12} {r.latency_ms:8.2f} ms  "
+            f"returned {r.returned:>5}  kept {r.survived:>5}{extra}"
+        )
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="retrieval", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    v = sub.add_parser("validate", help="check a config; print it resolved, or the errors")
+    v.add_argument("config", type=Path)
+    v.set_defaults(handler=_validate)
+
+    b = sub.add_parser("blend", help="blend candidates for one user")
+    b.add_argument("config", type=Path)
+    b.add_argument("--user", required=True)
+    b.add_argument("--history", nargs="*", help="recent item ids, oldest first")
+    b.add_argument("--context", nargs="*", help="segment values, e.g. country=de")
+    b.add_argument("--k", type=int, default=None)
+    b.add_argument("--show", type=int, default=20, help="rows to print without --json")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(handler=_blend)
+
+    for register in _EXTRA_COMMANDS:
+        register(sub)
+    return p
+
+
+# Later floors add their commands here (build, synth, eval, ...), keeping this module small.
+_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler: Handler = args.handler
+    try:
+        return handler(args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,227 @@
+"""Value types shared by every layer: the request, the deadline and the columnar result."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+ItemId = int | str
+UserId = int | str
+
+__all__ = [
+    "Candidate",
+    "CandidateSet",
+    "Deadline",
+    "ItemId",
+    "Request",
+    "SourceReport",
+    "SourceStatus",
+    "UserId",
+    "as_id_array",
+]
+
+
+def as_id_array(ids: Sequence[ItemId] | npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """Ids as a numpy array: int64 for integer ids, unicode for string ids.
+
+    One canonical dtype per id kind lets the blender merge lists with vectorised set operations.
+    """
+    arr = np.asarray(ids)
+    if arr.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.int64, copy=False)
+    if arr.dtype.kind in "US":
+        return arr.astype(str, copy=False)
+    if arr.dtype.kind == "O":
+        if all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in arr.tolist()):
+            return arr.astype(np.int64)
+        return arr.astype(str)
+    raise TypeError(f"item ids must be integers or strings, got dtype {arr.dtype}")
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """Everything a source may use to find candidates for one user.
+
+    History is oldest first. Sources never mutate a request; the retriever fills in history from
+    its store when the caller passes none.
+    """
+
+    user_id: UserId | None = None
+    history: tuple[ItemId, ...] = ()
+    history_timestamps: tuple[float, ...] | None = None
+    history_event_types: tuple[str, ...] | None = None
+    seed_items: tuple[ItemId, ...] = ()
+    context: Mapping[str, str] = field(default_factory=dict)
+    exclude: frozenset[ItemId] = frozenset()
+    k: int | None = None
+    deadline_ms: float | None = None
+    vector: npt.NDArray[np.float32] | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.history)
+        if self.history_timestamps is not None and len(self.history_timestamps) != n:
+            raise ValueError(
+                f"history_timestamps has {len(self.history_timestamps)} entries, history has {n}"
+            )
+        if self.history_event_types is not None and len(self.history_event_types) != n:
+            raise ValueError(
+                f"history_event_types has {len(self.history_event_types)} entries, history has {n}"
+            )
+        if self.k is not None and self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.deadline_ms is not None and not self.deadline_ms > 0:
+            raise ValueError(f"deadline_ms must be > 0, got {self.deadline_ms}")
+
+
+class Deadline:
+    """A point in monotonic time; sources ask it how long they have left."""
+
+    __slots__ = ("at",)
+
+    def __init__(self, at: float) -> None:
+        self.at = at
+
+    @classmethod
+    def in_ms(cls, ms: float) -> Deadline:
+        return cls(time.monotonic() + ms / 1000.0)
+
+    def remaining_ms(self) -> float:
+        return (self.at - time.monotonic()) * 1000.0
+
+    def expired(self) -> bool:
+        return time.monotonic() >= self.at
+
+    def earlier(self, other: Deadline) -> Deadline:
+        return self if self.at <= other.at else other
+
+    def __repr__(self) -> str:
+        return f"Deadline(remaining_ms={self.remaining_ms():.2f})"
+
+
+class SourceStatus(StrEnum):
+    OK = "ok"
+    TIMEOUT = "timeout"
+    ERROR = "error"
+    SKIPPED = "skipped"
+    CIRCUIT_OPEN = "circuit_open"
+
+
+@dataclass(slots=True)
+class SourceReport:
+    """What one source did for one request: the blend's audit trail and the metrics' input."""
+
+    name: str
+    status: SourceStatus
+    latency_ms: float = 0.0
+    returned: int = 0
+    survived: int = 0
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status.value,
+            "latency_ms": round(self.latency_ms, 3),
+            "returned": self.returned,
+            "survived": self.survived,
+            "error": self.error,
+        }
+
+
+class Candidate(NamedTuple):
+    """A light view of one row of a CandidateSet, built only when iterated."""
+
+    item_id: ItemId
+    score: float
+    sources: tuple[str, ...]
+    ranks: dict[str, int]
+
+
+@dataclass(slots=True)
+class CandidateSet:
+    """The blend's result, column by column.
+
+    ``ranks[i, j]`` is the 0-based rank candidate ``i`` had in source ``source_names[j]``, or -1
+    when that source did not return it: provenance for 1,000 candidates is one int32 matrix.
+    """
+
+    item_ids: npt.NDArray[Any]
+    scores: npt.NDArray[np.float32]
+    source_names: tuple[str, ...]
+    ranks: npt.NDArray[np.int32]
+    reports: tuple[SourceReport, ...]
+    elapsed_ms: float = 0.0
+    store_status: str = "ok"
+    cache_hit: bool = False
+    backfilled: int = 0
+
+    @classmethod
+    def empty(
+        cls, source_names: tuple[str, ...], reports: tuple[SourceReport, ...]
+    ) -> CandidateSet:
+        return cls(
+            item_ids=np.empty(0, dtype=np.int64),
+            scores=np.empty(0, dtype=np.float32),
+            source_names=source_names,
+            ranks=np.empty((0, len(source_names)), dtype=np.int32),
+            reports=reports,
+        )
+
+    def __len__(self) -> int:
+        return int(self.item_ids.shape[0])
+
+    def __iter__(self) -> Iterator[Candidate]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __getitem__(self, i: int) -> Candidate:
+        row = self.ranks[i]
+        hit = np.flatnonzero(row >= 0)
+        names = tuple(self.source_names[j] for j in hit)
+        return Candidate(
+            item_id=self.item_ids[i].item(),
+            score=float(self.scores[i]),
+            sources=names,
+            ranks={self.source_names[j]: int(row[j]) for j in hit},
+        )
+
+    def sources_of(self, i: int) -> tuple[str, ...]:
+        return self[i].sources
+
+    def from_source(self, name: str) -> npt.NDArray[np.bool_]:
+        """Mask of the candidates that ``name`` returned."""
+        j = self.source_names.index(name)
+        return self.ranks[:, j] >= 0
+
+    def report(self, name: str) -> SourceReport:
+        for r in self.reports:
+            if r.name == name:
+                return r
+        raise KeyError(f"no source named {name!r}; sources: {', '.join(self.source_names)}")
+
+    def to_dict(self, with_candidates: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "count": len(self),
+            "elapsed_ms": round(self.elapsed_ms, 3),
+            "store": self.store_status,
+            "cache_hit": self.cache_hit,
+            "backfilled": self.backfilled,
+            "reports": [r.to_dict() for r in self.reports],
+        }
+        if with_candidates:
+            out["candidates"] = [
+                {"item_id": c.item_id, "score": round(c.score, 6), "ranks": c.ranks} for c in self
+            ]
+        return out
+
+    def to_json(self, with_candidates: bool = True) -> str:
+        return json.dumps(self.to_dict(with_candidates))
