@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -129,16 +130,18 @@ class Blender:
     def blend(self, request: Request) -> CandidateSet:
         started = time.monotonic()
         calls, k_ask, excl, k = self._start(request, started)
-        pending = {c.future: c for c in calls if c.future is not None}
-        while pending:
+        pending = [c for c in calls if c.future is not None]
+        arrived = threading.Event()
+        for c in pending:
+            assert c.future is not None
+            c.future.add_done_callback(lambda _f: arrived.set())
+        while True:
             now = time.monotonic()
-            wake = max(c.deadline.at for c in pending.values())
-            if now >= wake:
+            pending = [c for c in pending if not c.future.done() and c.deadline.at > now]  # type: ignore[union-attr]
+            if not pending:
                 break
-            done, _ = cf.wait(list(pending), timeout=wake - now, return_when=cf.FIRST_COMPLETED)
-            for fut in done:
-                pending.pop(fut)
-            self._drop_overdue(pending)
+            arrived.wait(max(c.deadline.at for c in pending) - now)
+            arrived.clear()
         return self._finish(request, calls, k_ask, excl, k, started)
 
     async def ablend(self, request: Request) -> CandidateSet:
@@ -204,25 +207,8 @@ class Blender:
         k: int,
         started: float,
     ) -> CandidateSet:
-        lists: list[SourceList | None] = []
-        results: list[Ranked | None] = []
-        for call in calls:
-            result = self._collect(call, started)
-            results.append(result)
-            if result is None:
-                lists.append(None)
-                continue
-            ids, scores = result
-            keep = self.blocklist.mask(ids) & excl.mask(ids)
-            lists.append(
-                SourceList(
-                    ids=ids[keep],
-                    scores=scores[keep],
-                    ranks=np.flatnonzero(keep).astype(np.int32),
-                    weight=call.slot.weight,
-                    quota=call.slot.quota,
-                )
-            )
+        results = [self._collect(call, started) for call in calls]
+        lists = self._filtered(calls, results, excl)
         for call in calls:
             assert call.report is not None
             if call.slot.required and call.report.status is not SourceStatus.OK:
@@ -249,6 +235,32 @@ class Blender:
             elapsed_ms=(time.monotonic() - started) * 1000,
             backfilled=backfilled,
         )
+
+    def _filtered(
+        self, calls: list[_Call], results: list[Ranked | None], excl: Exclusions
+    ) -> list[SourceList | None]:
+        """Drop excluded ids from every list in one vectorised pass over all of them."""
+        present = [i for i, r in enumerate(results) if r is not None]
+        if not present:
+            return [None] * len(results)
+        ids_all = unify_id_dtypes([results[i][0] for i in present])  # type: ignore[index]
+        keep_all = np.concatenate(ids_all)
+        keep = self.blocklist.mask(keep_all) & excl.mask(keep_all)
+        lists: list[SourceList | None] = [None] * len(results)
+        start = 0
+        for i, ids in zip(present, ids_all, strict=True):
+            stop = start + ids.size
+            kept = keep[start:stop]
+            scores = results[i][1]  # type: ignore[index]
+            lists[i] = SourceList(
+                ids=ids[kept],
+                scores=scores[kept],
+                ranks=np.flatnonzero(kept).astype(np.int32),
+                weight=calls[i].slot.weight,
+                quota=calls[i].slot.quota,
+            )
+            start = stop
+        return lists
 
     def _collect(self, call: _Call, started: float) -> Ranked | None:
         slot = call.slot

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,8 @@ class Exclusions:
 
     __slots__ = ("_as_int", "_as_str")
 
-    def __init__(self, *parts: Iterable[ItemId] | npt.NDArray[Any]) -> None:
-        arrays = [as_id_array(p if isinstance(p, np.ndarray) else list(p)) for p in parts]
+    def __init__(self, *parts: Collection[ItemId] | npt.NDArray[Any]) -> None:
+        arrays = [as_id_array(p if isinstance(p, np.ndarray) else list(p)) for p in parts if len(p)]
         arrays = [a for a in arrays if a.size]
         ints = [a for a in arrays if a.dtype.kind in "iu"]
         strs = [a for a in arrays if a.dtype.kind in "US"]
@@ -52,9 +52,10 @@ class Exclusions:
         return int(self._as_str.size)
 
     def mask(self, ids: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
-        """True where ``ids`` are allowed."""
-        if ids.size == 0 or self._as_str.size == 0:
+        """True where ``ids`` are allowed (binary search: cheaper than np.isin for small sets)."""
+        banned = self._as_int if ids.dtype.kind in "iu" else self._as_str
+        if ids.size == 0 or banned.size == 0:
             return np.ones(ids.size, dtype=bool)
-        if ids.dtype.kind in "iu":
-            return ~np.isin(ids, self._as_int)
-        return ~np.isin(ids, self._as_str)
+        pos = np.searchsorted(banned, ids)
+        pos[pos == banned.size] = 0
+        return banned[pos] != ids

@@ -58,8 +58,7 @@ def merge(lists: Sequence[SourceList | None], k: int, strategy: Strategy, rrf_k:
     ids = np.concatenate(unify_id_dtypes([s.ids for _, s in present]))
     src = np.concatenate([np.full(s.ids.size, j, dtype=np.int32) for j, s in present])
     rank = np.concatenate([s.ranks for _, s in present])
-    uniq, inv = np.unique(ids, return_inverse=True)
-    inv = inv.ravel()
+    uniq, inv = _unique_inverse(ids)
     ranks = np.full((uniq.size, n_sources), -1, dtype=np.int32)
     # Reverse so that, if a source broke the contract and repeated an id, its best rank wins.
     ranks[inv[::-1], src[::-1]] = rank[::-1]
@@ -81,8 +80,39 @@ def merge(lists: Sequence[SourceList | None], k: int, strategy: Strategy, rrf_k:
             parts.append(norm * s.weight)
         contrib = np.concatenate(parts)
     blended = np.bincount(inv, weights=contrib, minlength=uniq.size)
-    order = np.lexsort((uniq, -blended))[:k]
+    order = top_k_order(blended, uniq, k)
     return Merged(uniq[order], blended[order].astype(np.float32), ranks[order])
+
+
+def top_k_order(
+    scores: npt.NDArray[np.float64], ids: npt.NDArray[Any], k: int
+) -> npt.NDArray[np.intp]:
+    """Indices of the k best scores, best first, ties broken by smaller id.
+
+    Partitioning first means only the k survivors are fully sorted.
+    """
+    if scores.size > k:
+        cut = np.argpartition(-scores, k - 1)[:k]
+        kth = scores[cut].min()
+        # Everything tied with the k-th score competes on id, not on partition luck.
+        cut = np.flatnonzero(scores >= kth)
+    else:
+        cut = np.arange(scores.size)
+    order = cut[np.lexsort((ids[cut], -scores[cut]))]
+    return order[:k]
+
+
+def _unique_inverse(ids: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], npt.NDArray[np.intp]]:
+    """``np.unique(ids, return_inverse=True)``, but on a stable argsort: about twice as fast for
+    a few thousand int64 ids here, and the blend's hot path is mostly this sort."""
+    order = ids.argsort(kind="stable")
+    ordered = ids[order]
+    first = np.empty(ordered.size, dtype=bool)
+    first[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=first[1:])
+    inv = np.empty(ordered.size, dtype=np.intp)
+    inv[order] = np.cumsum(first) - 1
+    return ordered[first], inv
 
 
 def _quota_order(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from retrieval.artifacts import ArtifactError
 from retrieval.config import ConfigError, load_config
 
 __all__ = ["main"]
@@ -48,6 +50,25 @@ def _blend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _build(args: argparse.Namespace) -> int:
+    from retrieval.build import build, format_summary
+
+    config = load_config(args.config)
+    out = args.out
+    if out is None:
+        if config.artifacts is None:
+            raise ValueError("no --out given and the config sets no 'artifacts:' directory")
+        out = config.resolve_path(config.artifacts)
+    t0 = time.perf_counter()
+    rows = build(config, args.events, out, only=args.only)
+    from retrieval.artifacts import open_artifacts
+
+    counts = open_artifacts(out).counts
+    print(format_summary(rows, counts.get("events", 0), counts.get("items", 0)))
+    print(f"built {len(rows)} sources into {out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retrieval", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -66,13 +87,13 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--json", action="store_true")
     b.set_defaults(handler=_blend)
 
-    for register in _EXTRA_COMMANDS:
-        register(sub)
+    bd = sub.add_parser("build", help="build the artifacts of every source that learns")
+    bd.add_argument("config", type=Path)
+    bd.add_argument("--events", type=Path, required=True, help="CSV or Parquet event log")
+    bd.add_argument("--out", type=Path, default=None, help="default: the config's artifacts")
+    bd.add_argument("--only", nargs="*", help="build only these sources")
+    bd.set_defaults(handler=_build)
     return p
-
-
-# Later floors add their commands here (build, synth, eval, ...), keeping this module small.
-_EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction[argparse.ArgumentParser]], None]] = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ArtifactError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -14,6 +14,8 @@ import numpy.typing as npt
 from blender.breaker import CircuitBreaker
 from blender.fanout import Blender, SourceSlot
 from blender.filters import load_blocklist
+from retrieval.artifacts import check_source, open_artifacts, params_hash
+from retrieval.build import build_params_hash_input
 from retrieval.config import ConfigError, RetrievalConfig, load_config
 from retrieval.store import Event, MemoryStore, Store
 from retrieval.types import CandidateSet, ItemId, Request, UserId
@@ -30,6 +32,8 @@ class Retriever:
         self.store: Store = store if store is not None else _make_store(config)
         artifacts = config.resolve_path(config.artifacts) if config.artifacts else None
         _check_needs(config, artifacts)
+        if artifacts is not None:
+            _check_artifacts(config, artifacts)
         context = SourceContext(artifacts=artifacts, store=self.store, config_dir=config.base_dir)
         self.sources: list[Source] = []
         try:
@@ -172,6 +176,21 @@ def _check_needs(config: RetrievalConfig, artifacts: Path | None) -> None:
             )
     if problems:
         raise ConfigError(config.origin, problems)
+
+
+def _check_artifacts(config: RetrievalConfig, artifacts: Path) -> None:
+    """Refuse a build of another format or made for other params, before touching its files."""
+    learning = [sc for sc in config.sources if sc.source_class.learns()]
+    if not learning:
+        return
+    manifest = open_artifacts(artifacts)
+    for sc in learning:
+        check_source(
+            manifest,
+            sc.name,
+            sc.kind,
+            params_hash(sc.kind, build_params_hash_input(sc.resolved_params)),
+        )
 
 
 def _replace_history(

@@ -50,6 +50,10 @@ class SourceParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    serving_params: ClassVar[frozenset[str]] = frozenset()
+    """Fields that only shape retrieval (e.g. how much history to read): changing them does not
+    invalidate a build."""
+
 
 class NoParams(SourceParams):
     pass
