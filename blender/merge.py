@@ -79,7 +79,7 @@ def merge(lists: Sequence[SourceList | None], k: int, strategy: Strategy, rrf_k:
             norm = (sc - lo) / (hi - lo) if hi > lo else np.ones_like(sc)
             parts.append(norm * s.weight)
         contrib = np.concatenate(parts)
-    blended = np.bincount(inv, weights=contrib, minlength=uniq.size)
+    blended = np.bincount(inv, weights=contrib, minlength=uniq.size).astype(np.float64)
     order = top_k_order(blended, uniq, k)
     return Merged(uniq[order], blended[order].astype(np.float32), ranks[order])
 

@@ -69,6 +69,41 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synth(args: argparse.Namespace) -> int:
+    from retrieval.synth import synthesize
+
+    fmt = "csv" if ".csv" in args.out.name else "parquet"
+    stats = synthesize(
+        args.out,
+        n_items=args.items,
+        n_users=args.users,
+        n_events=args.events,
+        seed=args.seed,
+        fmt=fmt,
+        progress=sys.stderr.isatty(),
+    )
+    print(
+        f"wrote {stats.n_events:,} events ({stats.n_active_users:,} active users, "
+        f"{stats.n_items:,} items, {stats.n_sessions:,} sessions, {stats.n_clusters} clusters) "
+        f"in {stats.seconds:.1f}s"
+    )
+    for label, path in (
+        ("events", stats.events_path),
+        ("items", stats.items_path),
+        ("embeddings", stats.embeddings_path),
+        ("embedding ids", stats.embedding_ids_path),
+    ):
+        print(f"  {label:<14} {path}")
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text.replace("_", ""))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="retrieval", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -86,6 +121,14 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--show", type=int, default=20, help="rows to print without --json")
     b.add_argument("--json", action="store_true")
     b.set_defaults(handler=_blend)
+
+    sy = sub.add_parser("synth", help="write a realistic synthetic event log")
+    sy.add_argument("--items", type=_positive, required=True)
+    sy.add_argument("--users", type=_positive, required=True)
+    sy.add_argument("--events", type=_positive, required=True)
+    sy.add_argument("--out", type=Path, required=True, help=".parquet, .csv or .csv.gz")
+    sy.add_argument("--seed", type=int, default=0)
+    sy.set_defaults(handler=_synth)
 
     bd = sub.add_parser("build", help="build the artifacts of every source that learns")
     bd.add_argument("config", type=Path)
