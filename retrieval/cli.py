@@ -97,6 +97,34 @@ def _synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from retrieval.evaluate import evaluate, format_report, load_for_eval
+
+    config = load_config(args.config)
+    split, path = load_for_eval(
+        config, args.events, args.train, args.test, args.split_time, args.test_fraction, args.users
+    )
+    report = evaluate(config, split, path, args.k)
+    print(format_report(report))
+    print(f"evaluated in {report.seconds:.1f}s")
+    if args.json:
+        args.json.write_text(json.dumps(report.to_dict(), indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _k_list(text: str) -> list[int]:
+    try:
+        ks = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"k values must be positive, got {text!r}")
+    return ks
+
+
 def _positive(text: str) -> int:
     value = int(text.replace("_", ""))
     if value < 1:
@@ -129,6 +157,18 @@ def _parser() -> argparse.ArgumentParser:
     sy.add_argument("--out", type=Path, required=True, help=".parquet, .csv or .csv.gz")
     sy.add_argument("--seed", type=int, default=0)
     sy.set_defaults(handler=_synth)
+
+    ev = sub.add_parser("eval", help="offline recall per source and for the blend")
+    ev.add_argument("config", type=Path)
+    ev.add_argument("--events", type=Path)
+    ev.add_argument("--split-time", help="cutoff: unix seconds or ISO-8601")
+    ev.add_argument("--test-fraction", type=float, help="the last fraction of the log is test")
+    ev.add_argument("--train", type=Path, help="a split you already have (with --test)")
+    ev.add_argument("--test", type=Path)
+    ev.add_argument("--k", type=_k_list, default=[20, 100, 1000])
+    ev.add_argument("--users", type=_positive, default=2000, help="test users sampled")
+    ev.add_argument("--json", type=Path, help="also write the metrics as JSON")
+    ev.set_defaults(handler=_eval)
 
     bd = sub.add_parser("build", help="build the artifacts of every source that learns")
     bd.add_argument("config", type=Path)

@@ -1,0 +1,412 @@
+"""Offline recall: does the blend put the items a user will engage with into its k candidates?
+
+A temporal split: sources are built on the events before a cutoff; for each test user the
+distinct items they touch after it are the targets, and the user's pre-cutoff events are the
+history the request carries. Metrics are reported per source (each source alone, with the same
+exclusions the blend applies) and for the blend.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from tqdm import tqdm
+
+from blender.filters import Exclusions
+from retrieval.artifacts import IdMap
+from retrieval.build import build
+from retrieval.config import RetrievalConfig
+from retrieval.events import EventLog, read_events
+from retrieval.retriever import Retriever
+from retrieval.types import Deadline, Request
+from sources.base import SkipSource
+
+__all__ = [
+    "EvalError",
+    "EvalReport",
+    "Split",
+    "compact",
+    "cutoff_for_fraction",
+    "evaluate",
+    "format_report",
+    "parse_cutoff",
+    "score_user",
+    "split_by_time",
+]
+
+
+class EvalError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Split:
+    train: EventLog
+    users: npt.NDArray[Any]  # external ids of test users
+    targets: list[npt.NDArray[Any]]  # external item ids each test user touched after the cutoff
+    cutoff: float | None
+
+
+@dataclass
+class EvalReport:
+    ks: list[int]
+    users: int
+    sources: dict[str, dict[str, float]] = field(default_factory=dict)
+    blend: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"k": self.ks, "users": self.users, "sources": self.sources, "blend": self.blend}
+
+
+def parse_cutoff(text: str) -> float:
+    """Unix seconds or an ISO-8601 date/time (UTC when no offset is given)."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise EvalError(
+            f"--split-time {text!r}: expected unix seconds or ISO-8601 (2024-03-01T00:00:00)"
+        ) from None
+    if dt.tzinfo is None:
+        from datetime import UTC
+
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+def cutoff_for_fraction(events: EventLog, fraction: float) -> float:
+    if not 0 < fraction < 1:
+        raise EvalError(f"--test-fraction must be between 0 and 1 (exclusive), got {fraction}")
+    return float(np.quantile(events.timestamps, 1.0 - fraction))
+
+
+def compact(events: EventLog) -> EventLog:
+    """The same events with id maps holding only the users and items that occur in them.
+
+    Training on a time split must not know that test-only items exist at all.
+    """
+    item_codes, items = np.unique(events.items, return_inverse=True)
+    user_codes, users = np.unique(events.users, return_inverse=True)
+    return EventLog(
+        users=users.astype(np.int32).ravel(),
+        items=items.astype(np.int32).ravel(),
+        timestamps=events.timestamps,
+        weights=events.weights,
+        event_types=events.event_types,
+        event_type_names=events.event_type_names,
+        sessions=events.sessions,
+        segments=events.segments,
+        segment_values=events.segment_values,
+        user_ids=IdMap(np.asarray(events.user_ids.to_external(user_codes))),
+        item_ids=IdMap(np.asarray(events.item_ids.to_external(item_codes))),
+        path=events.path,
+    )
+
+
+def split_by_time(events: EventLog, cutoff: float, max_users: int | None, seed: int = 0) -> Split:
+    ts = events.timestamps
+    lo, hi = float(ts.min()), float(ts.max())
+    if not lo < cutoff <= hi:
+        raise EvalError(
+            f"cutoff {cutoff:.0f} is outside the log: events span {lo:.0f} .. {hi:.0f} "
+            f"({_iso(lo)} .. {_iso(hi)}); pick a time inside it"
+        )
+    before = ts < cutoff
+    train = compact(events.subset(before))
+    test = ~before
+    return _split(train, events.users[test], events.items[test], events, max_users, seed, cutoff)
+
+
+def split_from_files(
+    train: EventLog, test: EventLog, max_users: int | None, seed: int = 0
+) -> Split:
+    return _split(train, test.users, test.items, test, max_users, seed, None)
+
+
+def _split(
+    train: EventLog,
+    test_users: npt.NDArray[np.int32],
+    test_items: npt.NDArray[np.int32],
+    test_log: EventLog,
+    max_users: int | None,
+    seed: int,
+    cutoff: float | None,
+) -> Split:
+    if test_users.size == 0:
+        raise EvalError("no test events after the cutoff: no test users to evaluate")
+    uniq_users = np.unique(test_users)
+    if max_users is not None and uniq_users.size > max_users:
+        rng = np.random.default_rng(seed)
+        uniq_users = np.sort(rng.choice(uniq_users, max_users, replace=False))
+    keep = np.isin(test_users, uniq_users)
+    pairs = np.unique(
+        np.stack([test_users[keep].astype(np.int64), test_items[keep].astype(np.int64)]), axis=1
+    )
+    bounds = np.searchsorted(pairs[0], uniq_users)
+    bounds = np.append(bounds, pairs.shape[1])
+    targets = [
+        np.asarray(test_log.item_ids.to_external(pairs[1, bounds[i] : bounds[i + 1]]))
+        for i in range(uniq_users.size)
+    ]
+    users = np.asarray(test_log.user_ids.to_external(uniq_users))
+    return Split(train=train, users=users, targets=targets, cutoff=cutoff)
+
+
+def score_user(
+    candidates: npt.NDArray[Any], targets: npt.NDArray[Any], seen: npt.NDArray[Any], k: int
+) -> tuple[float, float | None, bool, npt.NDArray[Any]]:
+    """(recall, recall over new targets or None when there are none, any hit, the hits)."""
+    top = candidates[:k]
+    hits = targets[np.isin(targets, top)]
+    recall = hits.size / targets.size if targets.size else 0.0
+    new = targets[~np.isin(targets, seen)]
+    recall_new = None if new.size == 0 else np.isin(new, top).sum() / new.size
+    return recall, recall_new, bool(hits.size), hits
+
+
+def evaluate(
+    config: RetrievalConfig,
+    split: Split,
+    events_path: Path,
+    ks: Sequence[int],
+    *,
+    workers: int = 2,
+    progress: bool | None = None,
+) -> EvalReport:
+    """Build on the train part into a temporary directory, then score sources and blend."""
+    ks = sorted(set(ks))
+    n_items = len(split.train.item_ids)
+    if ks[-1] > n_items:
+        raise EvalError(f"k {ks[-1]} is above the training catalog size ({n_items} items)")
+    show = sys.stderr.isatty() if progress is None else progress
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="retrieval-eval-") as tmp:
+        artifacts = Path(tmp) / "artifacts"
+        build(config, events_path, artifacts, events=split.train, progress=show)
+        cfg = config.model_copy(update={"artifacts": artifacts, "k": ks[-1]})
+        with Retriever(cfg) as retriever:
+            report = _score(retriever, cfg, split, ks, workers, show)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _histories(train: EventLog) -> dict[Any, tuple[npt.NDArray[Any], npt.NDArray[Any], Any]]:
+    """Each training user's events (external item ids, timestamps, event-type codes)."""
+    starts = np.flatnonzero(np.r_[True, train.users[1:] != train.users[:-1]])
+    ends = np.r_[starts[1:], train.users.size]
+    users = train.user_ids.to_external(train.users[starts]).tolist()
+    items = train.item_ids.to_external(train.items)
+    return {
+        u: (items[s:e], train.timestamps[s:e], None if train.event_types is None else (s, e))
+        for u, s, e in zip(users, starts, ends, strict=True)
+    }
+
+
+def _score(
+    retriever: Retriever,
+    config: RetrievalConfig,
+    split: Split,
+    ks: list[int],
+    workers: int,
+    show: bool,
+) -> EvalReport:
+    k_max = ks[-1]
+    train = split.train
+    hist = _histories(train)
+    names = [s.name for s in retriever.sources]
+    type_names = np.asarray(train.event_type_names or ("",), dtype=object)
+    max_hist = max(config.store.history_len, 1)
+
+    def request_for(user: Any) -> Request:
+        h = hist.get(user)
+        if h is None:
+            return Request(user_id=user, k=k_max)
+        items, stamps, span = h
+        items, stamps = items[-max_hist:], stamps[-max_hist:]
+        types = None
+        if span is not None and train.event_types is not None:
+            s, e = span
+            types = tuple(type_names[train.event_types[s:e][-max_hist:]].tolist())
+        return Request(
+            user_id=user,
+            history=tuple(items.tolist()),
+            history_timestamps=tuple(stamps.tolist()),
+            history_event_types=types,
+            k=k_max,
+        )
+
+    def one(i: int) -> tuple[dict[str, Any], dict[str, float]]:
+        req = request_for(split.users[i].item())
+        excl = Exclusions(req.exclude, req.history if config.blend.exclude_seen else ())
+        per: dict[str, Any] = {}
+        lat: dict[str, float] = {}
+        for src in retriever.sources:
+            t = time.perf_counter()
+            try:
+                if src.missing(req) is not None:
+                    raise SkipSource("needs unmet")
+                ids, _ = src.retrieve(req, k_max + len(excl), Deadline.in_ms(1000.0))
+                ids = np.asarray(ids)
+                ids = ids[excl.mask(ids)][:k_max]
+            except SkipSource:
+                ids = np.empty(0, dtype=np.int64)
+            lat[src.name] = (time.perf_counter() - t) * 1000
+            per[src.name] = ids
+        t = time.perf_counter()
+        per["__blend__"] = retriever.blend(req).item_ids
+        lat["__blend__"] = (time.perf_counter() - t) * 1000
+        return per, lat
+
+    n = len(split.users)
+    outs: list[tuple[dict[str, Any], dict[str, float]]] = [({}, {})] * n
+    with (
+        ThreadPoolExecutor(max_workers=workers) as pool,
+        tqdm(total=n, desc="eval users", unit="user", disable=not show) as bar,
+    ):
+        for start in range(0, n, 256):
+            batch = range(start, min(start + 256, n))
+            for i, res in zip(batch, pool.map(one, batch), strict=True):
+                outs[i] = res
+            bar.update(len(batch))
+
+    report = EvalReport(ks=ks, users=n)
+    seen_of = [
+        np.asarray(hist[u][0]) if u in hist else np.empty(0, dtype=split.targets[i].dtype)
+        for i, u in enumerate(split.users.tolist())
+    ]
+    all_names = [*names, "__blend__"]
+    for name in all_names:
+        stats: dict[str, float] = {}
+        for k in ks:
+            rec, rec_new, hit, cnt = [], [], [], []
+            for i in range(n):
+                cands = _same_dtype(outs[i][0][name], split.targets[i])
+                r, rn, h, _ = score_user(cands, split.targets[i], seen_of[i], k)
+                rec.append(r)
+                hit.append(h)
+                cnt.append(min(cands.size, k))
+                if rn is not None:
+                    rec_new.append(rn)
+            stats[f"recall@{k}"] = float(np.mean(rec))
+            stats[f"recall_new@{k}"] = float(np.mean(rec_new)) if rec_new else 0.0
+            stats[f"hitrate@{k}"] = float(np.mean(hit))
+            stats[f"candidates@{k}"] = float(np.mean(cnt))
+            if name != "__blend__":
+                stats[f"unique_hits@{k}"] = float(_unique_hits(outs, names, name, split, k))
+        lats = np.array([outs[i][1][name] for i in range(n)])
+        stats["p50_ms"] = float(np.percentile(lats, 50))
+        stats["p99_ms"] = float(np.percentile(lats, 99))
+        if name == "__blend__":
+            rec_items = np.concatenate([outs[i][0][name] for i in range(n)] or [np.empty(0)])
+            stats["coverage"] = float(np.unique(rec_items).size / len(split.train.item_ids))
+            report.blend = stats
+        else:
+            report.sources[name] = stats
+    return report
+
+
+def _same_dtype(cands: npt.NDArray[Any], like: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    if cands.dtype.kind in "US" and like.dtype.kind in "iu":
+        ok = np.char.isdigit(cands.astype(str))
+        return cands[ok].astype(np.int64)
+    if cands.dtype.kind in "iu" and like.dtype.kind in "US":
+        return cands.astype(str)
+    return cands
+
+
+def _unique_hits(
+    outs: list[tuple[dict[str, Any], dict[str, float]]],
+    names: list[str],
+    name: str,
+    split: Split,
+    k: int,
+) -> int:
+    """Hits at k that no other source found at k."""
+    total = 0
+    for i, (per, _) in enumerate(outs):
+        targets = split.targets[i]
+        mine = targets[np.isin(targets, _same_dtype(per[name], targets)[:k])]
+        if mine.size == 0:
+            continue
+        others = [_same_dtype(per[o], targets)[:k] for o in names if o != name]
+        found = np.concatenate(others) if others else np.empty(0, dtype=mine.dtype)
+        total += int((~np.isin(mine, found)).sum())
+    return total
+
+
+def format_report(report: EvalReport) -> str:
+    cols = []
+    for k in report.ks:
+        cols += [f"recall@{k}", f"recall_new@{k}", f"hitrate@{k}", f"unique_hits@{k}"]
+    cols += ["p50_ms", "p99_ms"]
+    width = max(12, *(len(c) + 1 for c in cols))
+    head = f"{'source':<14}" + "".join(f"{c:>{width}}" for c in cols)
+    lines = [f"users: {report.users}", head]
+    rows = [*report.sources.items(), ("BLEND", report.blend)]
+    for name, stats in rows:
+        cells = []
+        for c in cols:
+            v = stats.get(c)
+            if v is None:
+                cells.append(f"{'-':>{width}}")
+            elif c.startswith("unique_hits"):
+                cells.append(f"{int(v):>{width}}")
+            else:
+                cells.append(f"{v:>{width}.4f}" if "ms" not in c else f"{v:>{width}.2f}")
+        lines.append(f"{name:<14}" + "".join(cells))
+    if "coverage" in report.blend:
+        lines.append(f"blend catalog coverage: {report.blend['coverage']:.4f}")
+    return "\n".join(lines)
+
+
+def _iso(ts: float) -> str:
+    from datetime import UTC
+
+    return datetime.fromtimestamp(ts, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def load_for_eval(
+    config: RetrievalConfig,
+    events: Path | None,
+    train: Path | None,
+    test: Path | None,
+    split_time: str | None,
+    test_fraction: float | None,
+    max_users: int | None,
+    seed: int = 0,
+) -> tuple[Split, Path]:
+    """Read the log(s) and split them as the CLI asked."""
+    from retrieval.build import needed_segments
+
+    segs = needed_segments(config)
+    if train is not None or test is not None:
+        if train is None or test is None or events is not None:
+            raise EvalError("give either --events with a split, or both --train and --test")
+        train_log = read_events(train, config.events.columns, segs)
+        test_log = read_events(test, config.events.columns, segs)
+        return split_from_files(train_log, test_log, max_users, seed), train
+    if events is None:
+        raise EvalError("give --events PATH (with --split-time or --test-fraction)")
+    if (split_time is None) == (test_fraction is None):
+        raise EvalError("give exactly one of --split-time T or --test-fraction F")
+    log = read_events(events, config.events.columns, segs)
+    cutoff = (
+        parse_cutoff(split_time)
+        if split_time is not None
+        else cutoff_for_fraction(log, test_fraction or 0)
+    )
+    return split_by_time(log, cutoff, max_users, seed), events
