@@ -109,6 +109,7 @@ class Blender:
         fallback: str | None = None,
         workers: int | None = None,
         merge_reserve_ms: float = 1.0,
+        curves: dict[str, npt.NDArray[np.float64]] | None = None,
     ) -> None:
         self.slots = list(slots)
         self.names = tuple(s.name for s in self.slots)
@@ -120,6 +121,11 @@ class Blender:
         self.blocklist = Exclusions(blocklist if blocklist is not None else [])
         self.fallback = None if fallback is None else self.names.index(fallback)
         self.merge_reserve_ms = merge_reserve_ms
+        if strategy == "calibrated":
+            missing = [n for n in self.names if not curves or n not in curves]
+            if missing:
+                raise ValueError(f"calibrated strategy: no rank curve for sources {missing}")
+        self.curves = curves or {}
         self._pool = cf.ThreadPoolExecutor(
             max_workers=workers or max(4, 2 * len(self.slots) + 2),
             thread_name_prefix="blend",
@@ -258,6 +264,7 @@ class Blender:
                 ranks=np.flatnonzero(kept).astype(np.int32),
                 weight=calls[i].slot.weight,
                 quota=calls[i].slot.quota,
+                curve=self.curves.get(calls[i].slot.name),
             )
             start = stop
         return lists

@@ -17,7 +17,7 @@ import numpy.typing as npt
 
 __all__ = ["Merged", "SourceList", "merge", "unify_id_dtypes"]
 
-Strategy = Literal["rrf", "quota", "score"]
+Strategy = Literal["rrf", "quota", "score", "calibrated"]
 
 
 @dataclass(slots=True)
@@ -29,6 +29,7 @@ class SourceList:
     ranks: npt.NDArray[np.int32]
     weight: float = 1.0
     quota: int | None = None
+    curve: npt.NDArray[np.float64] | None = None  # hit probability by rank ("calibrated")
 
 
 @dataclass(slots=True)
@@ -66,6 +67,9 @@ def merge(lists: Sequence[SourceList | None], k: int, strategy: Strategy, rrf_k:
     if strategy == "quota":
         order, scores = _quota_order(present, uniq, inv, src, k)
         return Merged(uniq[order], scores, ranks[order])
+
+    if strategy == "calibrated":
+        return _calibrated(present, uniq, inv, rank, ranks, k)
 
     if strategy == "rrf":
         weights = np.array([s.weight for _, s in present], dtype=np.float64)
@@ -113,6 +117,43 @@ def _unique_inverse(ids: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], npt.NDArra
     inv = np.empty(ordered.size, dtype=np.intp)
     inv[order] = np.cumsum(first) - 1
     return ordered[first], inv
+
+
+def _calibrated(
+    present: Sequence[tuple[int, SourceList]],
+    uniq: npt.NDArray[Any],
+    inv: npt.NDArray[np.intp],
+    rank: npt.NDArray[np.int32],
+    ranks: npt.NDArray[np.int32],
+    k: int,
+) -> Merged:
+    """Rank by the chance of a hit: 1 - prod(1 - p_j(rank_j)) over the sources that found it.
+
+    Sources' quotas, when set, are floors: each source's top ``quota`` are kept whatever their
+    chance, and the remaining slots go to the best chances overall.
+    """
+    parts = []
+    for _, s in present:
+        if s.curve is None or s.curve.size == 0:
+            raise ValueError("calibrated merge needs a rank curve for every source")
+        p = s.curve[np.minimum(s.ranks, s.curve.size - 1)]
+        parts.append(np.log1p(-np.clip(p, 0.0, 0.999999)))
+    log_miss = np.bincount(inv, weights=np.concatenate(parts), minlength=uniq.size)
+    chance = -np.expm1(log_miss)
+    floor = np.zeros(uniq.size, dtype=bool)
+    start = 0
+    for _, s in present:
+        stop = start + s.ids.size
+        if s.quota:
+            floor[inv[start:stop][: s.quota]] = True
+        start = stop
+    if floor.any():
+        boosted = chance + floor * 2.0  # floors sort first, then by chance
+        order = top_k_order(boosted, uniq, k)
+        order = order[np.lexsort((uniq[order], -chance[order]))]
+    else:
+        order = top_k_order(chance, uniq, k)
+    return Merged(uniq[order], chance[order].astype(np.float32), ranks[order])
 
 
 def _quota_order(

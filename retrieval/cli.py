@@ -113,6 +113,40 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace) -> int:
+    from blender.calibration import CALIBRATION_FILE
+    from retrieval.build import needed_segments
+    from retrieval.evaluate import calibrate
+    from retrieval.events import read_events
+
+    config = load_config(args.config)
+    out = args.out
+    if out is None:
+        if config.artifacts is None:
+            raise ValueError("no --out given and the config sets no 'artifacts:' directory")
+        out = config.resolve_path(config.artifacts) / CALIBRATION_FILE
+    events = read_events(args.events, config.events.columns, needed_segments(config))
+    calibration = calibrate(
+        config,
+        events,
+        args.events,
+        k=args.k or config.k,
+        holdout_fraction=args.holdout,
+        max_users=args.users,
+        progress=sys.stderr.isatty(),
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    calibration.save(out)
+    print(f"rank -> hit-rate curves from {calibration.users} hold-out users:")
+    for name, curve in calibration.curves.items():
+        points = ", ".join(
+            f"r{e}:{p:.4f}" for e, p in list(zip(curve.edges, curve.p, strict=True))[:8]
+        )
+        print(f"  {name:<14} {points} ...")
+    print(f"wrote {out}; use it with blend.strategy: calibrated")
+    return 0
+
+
 def _k_list(text: str) -> list[int]:
     try:
         ks = [int(x) for x in text.split(",") if x.strip()]
@@ -169,6 +203,15 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--users", type=_positive, default=2000, help="test users sampled")
     ev.add_argument("--json", type=Path, help="also write the metrics as JSON")
     ev.set_defaults(handler=_eval)
+
+    tu = sub.add_parser("tune", help="measure rank -> hit-rate curves for the calibrated blend")
+    tu.add_argument("config", type=Path)
+    tu.add_argument("--events", type=Path, required=True)
+    tu.add_argument("--holdout", type=float, default=0.1, help="last fraction of the log held out")
+    tu.add_argument("--users", type=_positive, default=2000)
+    tu.add_argument("--k", type=_positive, default=None)
+    tu.add_argument("--out", type=Path, default=None, help="default: <artifacts>/calibration.json")
+    tu.set_defaults(handler=_tune)
 
     bd = sub.add_parser("build", help="build the artifacts of every source that learns")
     bd.add_argument("config", type=Path)

@@ -53,7 +53,8 @@ class _Model(BaseModel):
 
 
 class BlendConfig(_Model):
-    strategy: Literal["rrf", "quota", "score"] = "rrf"
+    strategy: Literal["rrf", "quota", "score", "calibrated"] = "rrf"
+    calibration: Path | None = None  # default for "calibrated": <artifacts>/calibration.json
     rrf_k: float = Field(60.0, ge=0)
     exclude_seen: bool = True
     blocklist: Path | None = None
@@ -320,6 +321,15 @@ def _cross_checks(config: RetrievalConfig) -> list[tuple[str, str]]:
             (
                 "blend.fallback",
                 f"no source named {fb!r}; allowed: {', '.join(first_seen) or '(no sources)'}",
+            )
+        )
+    calibrated = config.blend.strategy == "calibrated"
+    if calibrated and config.blend.calibration is None and config.artifacts is None:
+        problems.append(
+            (
+                "blend.calibration",
+                "the calibrated strategy needs rank curves: set blend.calibration or "
+                "artifacts (curves are read from <artifacts>/calibration.json)",
             )
         )
     if config.store.kind == "redis" and not config.store.url:

@@ -8,10 +8,11 @@ exclusions the blend applies) and for the blend.
 
 from __future__ import annotations
 
+import logging
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,10 +23,12 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
+from blender.calibration import Calibration, fit_curve
 from blender.filters import Exclusions
+from blender.merge import SourceList, Strategy, merge, unify_id_dtypes
 from retrieval.artifacts import IdMap
 from retrieval.build import build
-from retrieval.config import RetrievalConfig
+from retrieval.config import RetrievalConfig, SourceConfig
 from retrieval.events import EventLog, read_events
 from retrieval.retriever import Retriever
 from retrieval.types import Deadline, Request
@@ -43,6 +46,9 @@ __all__ = [
     "score_user",
     "split_by_time",
 ]
+
+
+logger = logging.getLogger(__name__)
 
 
 class EvalError(ValueError):
@@ -63,10 +69,20 @@ class EvalReport:
     users: int
     sources: dict[str, dict[str, float]] = field(default_factory=dict)
     blend: dict[str, float] = field(default_factory=dict)
+    variants: dict[str, dict[str, float]] = field(default_factory=dict)
+    quota_sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)
+    calibration: Calibration | None = None
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"k": self.ks, "users": self.users, "sources": self.sources, "blend": self.blend}
+        return {
+            "k": self.ks,
+            "users": self.users,
+            "sources": self.sources,
+            "blend": self.blend,
+            "variants": self.variants,
+            "quota_sensitivity": self.quota_sensitivity,
+        }
 
 
 def parse_cutoff(text: str) -> float:
@@ -186,45 +202,116 @@ def evaluate(
     *,
     workers: int = 2,
     progress: bool | None = None,
+    calibrate_blend: bool = True,
 ) -> EvalReport:
-    """Build on the train part into a temporary directory, then score sources and blend."""
+    """Build on the train part into a temporary directory, then score sources and blends.
+
+    Besides the configured blend, the same per-source lists are re-merged offline as a
+    round-robin blend (equal quotas) and, when ``calibrate_blend``, as a calibrated blend whose
+    rank curves come from a hold-out inside the train part (never from the test events).
+    """
     ks = sorted(set(ks))
     n_items = len(split.train.item_ids)
     if ks[-1] > n_items:
         raise EvalError(f"k {ks[-1]} is above the training catalog size ({n_items} items)")
     show = sys.stderr.isatty() if progress is None else progress
     t0 = time.perf_counter()
+    calibration = None
+    if calibrate_blend:
+        try:
+            calibration = calibrate(config, split.train, events_path, k=ks[-1], progress=show)
+        except EvalError as exc:  # e.g. a train part too small to hold a slice out
+            logger.warning("no calibrated blend: %s", exc)
     with tempfile.TemporaryDirectory(prefix="retrieval-eval-") as tmp:
         artifacts = Path(tmp) / "artifacts"
         build(config, events_path, artifacts, events=split.train, progress=show)
         cfg = config.model_copy(update={"artifacts": artifacts, "k": ks[-1]})
         with Retriever(cfg) as retriever:
-            report = _score(retriever, cfg, split, ks, workers, show)
+            runs = collect(retriever, cfg, split, ks[-1], workers, show)
+    report = EvalReport(ks=ks, users=len(split.users))
+    seen = _seen(split)
+    names = list(runs.lists)
+    for name in names:
+        stats = metrics(runs.lists[name], split, seen, ks)
+        for k in ks:
+            stats[f"unique_hits@{k}"] = float(_unique_hits(runs.lists, name, split, k))
+        stats.update(_latency(runs.latency_ms[name]))
+        report.sources[name] = stats
+    report.blend = metrics(runs.blend, split, seen, ks)
+    report.blend.update(_latency(runs.blend_latency_ms))
+    report.blend["coverage"] = _coverage(runs.blend, n_items)
+    weights = {sc.name: sc for sc in cfg.sources}
+    round_robin = [
+        _offline_merge(runs.lists, names, i, ks[-1], "quota", weights, None)
+        for i in range(len(split.users))
+    ]
+    report.variants["round_robin"] = metrics(round_robin, split, seen, ks)
+    if calibration is not None:
+        curves = {n: calibration.curves[n].dense(ks[-1] + 1) for n in names}
+        calibrated = [
+            _offline_merge(runs.lists, names, i, ks[-1], "calibrated", weights, curves)
+            for i in range(len(split.users))
+        ]
+        report.variants["calibrated"] = metrics(calibrated, split, seen, ks)
+        report.calibration = calibration
+    report.quota_sensitivity = _quota_sensitivity(runs.lists, names, split, seen, ks[-1])
     report.seconds = time.perf_counter() - t0
     return report
 
 
-def _histories(train: EventLog) -> dict[Any, tuple[npt.NDArray[Any], npt.NDArray[Any], Any]]:
-    """Each training user's events (external item ids, timestamps, event-type codes)."""
-    starts = np.flatnonzero(np.r_[True, train.users[1:] != train.users[:-1]])
-    ends = np.r_[starts[1:], train.users.size]
-    users = train.user_ids.to_external(train.users[starts]).tolist()
-    items = train.item_ids.to_external(train.items)
-    return {
-        u: (items[s:e], train.timestamps[s:e], None if train.event_types is None else (s, e))
-        for u, s, e in zip(users, starts, ends, strict=True)
-    }
+@dataclass
+class Runs:
+    """What every source and the blend returned for every test user (after exclusions)."""
+
+    lists: dict[str, list[npt.NDArray[Any]]]
+    latency_ms: dict[str, npt.NDArray[np.float64]]
+    blend: list[npt.NDArray[Any]]
+    blend_latency_ms: npt.NDArray[np.float64]
 
 
-def _score(
+def calibrate(
+    config: RetrievalConfig,
+    train: EventLog,
+    events_path: Path,
+    *,
+    k: int,
+    holdout_fraction: float = 0.1,
+    max_users: int = 2000,
+    progress: bool = False,
+    workers: int = 2,
+) -> Calibration:
+    """Rank -> hit-rate curves measured on the last ``holdout_fraction`` of ``train``."""
+    cutoff = cutoff_for_fraction(train, holdout_fraction)
+    inner = split_by_time(train, cutoff, max_users, seed=1)
+    k = min(k, len(inner.train.item_ids))
+    with tempfile.TemporaryDirectory(prefix="retrieval-tune-") as tmp:
+        artifacts = Path(tmp) / "artifacts"
+        build(config, events_path, artifacts, events=inner.train, progress=progress)
+        cfg = config.model_copy(update={"artifacts": artifacts, "k": k})
+        with Retriever(cfg) as retriever:
+            runs = collect(retriever, cfg, inner, k, workers, progress, with_blend=False)
+    curves = {}
+    for name, lists in runs.lists.items():
+        hits = np.zeros(k, dtype=np.float64)
+        reach = np.zeros(k, dtype=np.float64)
+        for cands, targets in zip(lists, inner.targets, strict=True):
+            cands = _same_dtype(cands, targets)[:k]
+            reach[: cands.size] += 1
+            hits[: cands.size] += np.isin(cands, targets)
+        curves[name] = fit_curve(hits, reach)
+    return Calibration(curves, users=len(inner.users))
+
+
+def collect(
     retriever: Retriever,
     config: RetrievalConfig,
     split: Split,
-    ks: list[int],
+    k_max: int,
     workers: int,
     show: bool,
-) -> EvalReport:
-    k_max = ks[-1]
+    *,
+    with_blend: bool = True,
+) -> Runs:
     train = split.train
     hist = _histories(train)
     names = [s.name for s in retriever.sources]
@@ -266,9 +353,10 @@ def _score(
                 ids = np.empty(0, dtype=np.int64)
             lat[src.name] = (time.perf_counter() - t) * 1000
             per[src.name] = ids
-        t = time.perf_counter()
-        per["__blend__"] = retriever.blend(req).item_ids
-        lat["__blend__"] = (time.perf_counter() - t) * 1000
+        if with_blend:
+            t = time.perf_counter()
+            per[_BLEND] = retriever.blend(req).item_ids
+            lat[_BLEND] = (time.perf_counter() - t) * 1000
         return per, lat
 
     n = len(split.users)
@@ -282,41 +370,157 @@ def _score(
             for i, res in zip(batch, pool.map(one, batch), strict=True):
                 outs[i] = res
             bar.update(len(batch))
+    empty = np.empty(0, dtype=np.float64)
+    return Runs(
+        lists={name: [o[0][name] for o in outs] for name in names},
+        latency_ms={name: np.array([o[1][name] for o in outs]) for name in names},
+        blend=[o[0].get(_BLEND, empty) for o in outs],
+        blend_latency_ms=np.array([o[1].get(_BLEND, 0.0) for o in outs]),
+    )
 
-    report = EvalReport(ks=ks, users=n)
-    seen_of = [
-        np.asarray(hist[u][0]) if u in hist else np.empty(0, dtype=split.targets[i].dtype)
-        for i, u in enumerate(split.users.tolist())
-    ]
-    all_names = [*names, "__blend__"]
-    for name in all_names:
-        stats: dict[str, float] = {}
-        for k in ks:
-            rec, rec_new, hit, cnt = [], [], [], []
-            for i in range(n):
-                cands = _same_dtype(outs[i][0][name], split.targets[i])
-                r, rn, h, _ = score_user(cands, split.targets[i], seen_of[i], k)
-                rec.append(r)
-                hit.append(h)
-                cnt.append(min(cands.size, k))
-                if rn is not None:
-                    rec_new.append(rn)
-            stats[f"recall@{k}"] = float(np.mean(rec))
-            stats[f"recall_new@{k}"] = float(np.mean(rec_new)) if rec_new else 0.0
-            stats[f"hitrate@{k}"] = float(np.mean(hit))
-            stats[f"candidates@{k}"] = float(np.mean(cnt))
-            if name != "__blend__":
-                stats[f"unique_hits@{k}"] = float(_unique_hits(outs, names, name, split, k))
-        lats = np.array([outs[i][1][name] for i in range(n)])
-        stats["p50_ms"] = float(np.percentile(lats, 50))
-        stats["p99_ms"] = float(np.percentile(lats, 99))
-        if name == "__blend__":
-            rec_items = np.concatenate([outs[i][0][name] for i in range(n)] or [np.empty(0)])
-            stats["coverage"] = float(np.unique(rec_items).size / len(split.train.item_ids))
-            report.blend = stats
+
+_BLEND = "__blend__"
+
+
+def _histories(train: EventLog) -> dict[Any, tuple[npt.NDArray[Any], npt.NDArray[Any], Any]]:
+    """Each training user's events: external item ids, timestamps, and their span in ``train``."""
+    starts = np.flatnonzero(np.r_[True, train.users[1:] != train.users[:-1]])
+    ends = np.r_[starts[1:], train.users.size]
+    users = train.user_ids.to_external(train.users[starts]).tolist()
+    items = train.item_ids.to_external(train.items)
+    return {
+        u: (items[s:e], train.timestamps[s:e], (s, e))
+        for u, s, e in zip(users, starts, ends, strict=True)
+    }
+
+
+def metrics(
+    lists: Sequence[npt.NDArray[Any]],
+    split: Split,
+    seen: Sequence[npt.NDArray[Any]],
+    ks: Sequence[int],
+) -> dict[str, float]:
+    """Recall, recall of new items and hit rate at each k, averaged over users."""
+    stats: dict[str, float] = {}
+    for k in ks:
+        rec, rec_new, hit, cnt = [], [], [], []
+        for cands, targets, seen_i in zip(lists, split.targets, seen, strict=True):
+            cands = _same_dtype(cands, targets)
+            r, rn, h, _ = score_user(cands, targets, seen_i, k)
+            rec.append(r)
+            hit.append(h)
+            cnt.append(min(cands.size, k))
+            if rn is not None:
+                rec_new.append(rn)
+        stats[f"recall@{k}"] = float(np.mean(rec))
+        stats[f"recall_new@{k}"] = float(np.mean(rec_new)) if rec_new else 0.0
+        stats[f"hitrate@{k}"] = float(np.mean(hit))
+        stats[f"candidates@{k}"] = float(np.mean(cnt))
+    return stats
+
+
+def _seen(split: Split) -> list[npt.NDArray[Any]]:
+    train = split.train
+    dense = train.user_ids.to_dense(split.users)
+    starts = np.searchsorted(train.users, dense, side="left")
+    ends = np.searchsorted(train.users, dense, side="right")
+    out = []
+    for d, s, e, t in zip(dense.tolist(), starts, ends, split.targets, strict=True):
+        if d < 0:
+            out.append(np.empty(0, dtype=t.dtype))
         else:
-            report.sources[name] = stats
-    return report
+            out.append(np.asarray(train.item_ids.to_external(train.items[s:e])))
+    return out
+
+
+def _latency(ms: npt.NDArray[np.float64]) -> dict[str, float]:
+    if ms.size == 0:
+        return {"p50_ms": 0.0, "p99_ms": 0.0}
+    return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+
+
+def _coverage(lists: Sequence[npt.NDArray[Any]], n_items: int) -> float:
+    nonempty = [x for x in lists if x.size]
+    if not nonempty:
+        return 0.0
+    return float(np.unique(np.concatenate(unify_id_dtypes(nonempty))).size / n_items)
+
+
+def _offline_merge(
+    lists: Mapping[str, Sequence[npt.NDArray[Any]]],
+    names: Sequence[str],
+    i: int,
+    k: int,
+    strategy: Strategy,
+    configs: Mapping[str, SourceConfig],
+    curves: Mapping[str, npt.NDArray[np.float64]] | None,
+    quotas: Mapping[str, int] | None = None,
+) -> npt.NDArray[Any]:
+    parts = []
+    for name in names:
+        ids = lists[name][i]
+        parts.append(
+            SourceList(
+                ids=ids,
+                scores=np.zeros(ids.size, dtype=np.float32),
+                ranks=np.arange(ids.size, dtype=np.int32),
+                weight=configs[name].weight if name in configs else 1.0,
+                quota=None if quotas is None else quotas[name],
+                curve=None if curves is None else curves[name],
+            )
+        )
+    return merge(parts, k, strategy, 60.0).item_ids
+
+
+def _quota_sensitivity(
+    lists: Mapping[str, Sequence[npt.NDArray[Any]]],
+    names: Sequence[str],
+    split: Split,
+    seen: Sequence[npt.NDArray[Any]],
+    k: int,
+) -> dict[str, dict[str, float]]:
+    """Recall@k of an equal-quota blend, and with each source's quota moved by +/- 10% of k.
+
+    The slots a source gains are taken evenly from the others (and given back when it loses).
+    """
+    n = len(split.users)
+    base = {name: k // len(names) for name in names}
+    base[names[0]] += k - sum(base.values())
+
+    def recall(quotas: Mapping[str, int]) -> float:
+        merged = [_offline_merge(lists, names, i, k, "quota", {}, None, quotas) for i in range(n)]
+        return metrics(merged, split, seen, [k])[f"recall@{k}"]
+
+    out: dict[str, dict[str, float]] = {"_base": {"recall": recall(base)}}
+    step = max(1, k // 10)
+    for name in names:
+        row: dict[str, float] = {}
+        for sign, label in ((1, "+10%"), (-1, "-10%")):
+            q = dict(base)
+            delta = sign * min(step, q[name] if sign < 0 else k - q[name])
+            q[name] += delta
+            others = [o for o in names if o != name]
+            for j, o in enumerate(others):
+                share = delta // len(others) + (1 if j < delta % len(others) else 0)
+                q[o] = max(q[o] - share, 0)
+            row[label] = recall(q)
+        out[name] = row
+    return out
+
+
+def _unique_hits(
+    lists: Mapping[str, Sequence[npt.NDArray[Any]]], name: str, split: Split, k: int
+) -> int:
+    """Hits at k that no other source found at k."""
+    total = 0
+    for i, targets in enumerate(split.targets):
+        mine = targets[np.isin(targets, _same_dtype(lists[name][i], targets)[:k])]
+        if mine.size == 0:
+            continue
+        others = [_same_dtype(lists[o][i], targets)[:k] for o in lists if o != name]
+        found = np.concatenate(others) if others else np.empty(0, dtype=mine.dtype)
+        total += int((~np.isin(mine, found)).sum())
+    return total
 
 
 def _same_dtype(cands: npt.NDArray[Any], like: npt.NDArray[Any]) -> npt.NDArray[Any]:
@@ -325,27 +529,9 @@ def _same_dtype(cands: npt.NDArray[Any], like: npt.NDArray[Any]) -> npt.NDArray[
         return cands[ok].astype(np.int64)
     if cands.dtype.kind in "iu" and like.dtype.kind in "US":
         return cands.astype(str)
+    if cands.dtype.kind == "f":
+        return cands.astype(np.int64) if like.dtype.kind in "iu" else cands.astype(str)
     return cands
-
-
-def _unique_hits(
-    outs: list[tuple[dict[str, Any], dict[str, float]]],
-    names: list[str],
-    name: str,
-    split: Split,
-    k: int,
-) -> int:
-    """Hits at k that no other source found at k."""
-    total = 0
-    for i, (per, _) in enumerate(outs):
-        targets = split.targets[i]
-        mine = targets[np.isin(targets, _same_dtype(per[name], targets)[:k])]
-        if mine.size == 0:
-            continue
-        others = [_same_dtype(per[o], targets)[:k] for o in names if o != name]
-        found = np.concatenate(others) if others else np.empty(0, dtype=mine.dtype)
-        total += int((~np.isin(mine, found)).sum())
-    return total
 
 
 def format_report(report: EvalReport) -> str:
@@ -368,8 +554,23 @@ def format_report(report: EvalReport) -> str:
             else:
                 cells.append(f"{v:>{width}.4f}" if "ms" not in c else f"{v:>{width}.2f}")
         lines.append(f"{name:<14}" + "".join(cells))
+    for name, stats in report.variants.items():
+        cells = [
+            f"{'-':>{width}}" if stats.get(c) is None else f"{stats[c]:>{width}.4f}" for c in cols
+        ]
+        lines.append(f"{'BLEND:' + name:<14}" + "".join(cells))
     if "coverage" in report.blend:
         lines.append(f"blend catalog coverage: {report.blend['coverage']:.4f}")
+    if report.quota_sensitivity:
+        k = report.ks[-1]
+        base = report.quota_sensitivity["_base"]["recall"]
+        lines.append(f"quota blend recall@{k} with equal quotas: {base:.4f}; moving one quota:")
+        for name, row in report.quota_sensitivity.items():
+            if name != "_base":
+                lines.append(
+                    f"  {name:<14} +10%: {row['+10%']:.4f} ({row['+10%'] - base:+.4f})   "
+                    f"-10%: {row['-10%']:.4f} ({row['-10%'] - base:+.4f})"
+                )
     return "\n".join(lines)
 
 

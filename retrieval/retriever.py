@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from blender.breaker import CircuitBreaker
+from blender.calibration import CALIBRATION_FILE, Calibration
 from blender.fanout import Blender, SourceSlot
 from blender.filters import load_blocklist
 from retrieval.artifacts import check_source, open_artifacts, params_hash
@@ -67,6 +68,7 @@ class Retriever:
             fallback=config.blend.fallback,
             workers=config.blend.workers,
             merge_reserve_ms=config.blend.merge_reserve_ms,
+            curves=_load_curves(config, artifacts),
         )
         self._closed = False
 
@@ -176,6 +178,22 @@ def _check_needs(config: RetrievalConfig, artifacts: Path | None) -> None:
             )
     if problems:
         raise ConfigError(config.origin, problems)
+
+
+def _load_curves(
+    config: RetrievalConfig, artifacts: Path | None
+) -> dict[str, npt.NDArray[np.float64]] | None:
+    if config.blend.strategy != "calibrated":
+        return None
+    if config.blend.calibration is not None:
+        path = config.resolve_path(config.blend.calibration)
+    else:
+        assert artifacts is not None  # the config check guarantees one of the two
+        path = artifacts / CALIBRATION_FILE
+    names = [s.name for s in config.sources]
+    calibration = Calibration.load(path, names)
+    depth = config.k + config.store.history_len + 1
+    return {n: calibration.curves[n].dense(depth) for n in names}
 
 
 def _check_artifacts(config: RetrievalConfig, artifacts: Path) -> None:

@@ -1,0 +1,121 @@
+"""Rank -> hit-rate curves: how likely a source's candidate at rank r is one the user will touch.
+
+A blend that knows these curves can spend its k slots where they pay off: the 300th candidate of
+a strong source may be worth more than the 50th of a weak one, which round-robin and RRF cannot
+see. Curves are measured offline (``retrieval tune``), smoothed, forced monotone (a lower rank
+never predicts a better chance) and stored as JSON beside the artifacts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+__all__ = ["CALIBRATION_FILE", "Calibration", "RankCurve", "fit_curve", "isotonic_decreasing"]
+
+CALIBRATION_FILE = "calibration.json"
+FORMAT_VERSION = 1
+
+
+def isotonic_decreasing(
+    values: npt.NDArray[np.float64], weights: npt.NDArray[np.float64]
+) -> npt.NDArray[np.float64]:
+    """Weighted least-squares fit that never increases (pool adjacent violators)."""
+    out_v: list[float] = []
+    out_w: list[float] = []
+    out_n: list[int] = []
+    for v, w in zip(values.tolist(), weights.tolist(), strict=True):
+        out_v.append(v)
+        out_w.append(max(w, 1e-12))
+        out_n.append(1)
+        while len(out_v) > 1 and out_v[-2] < out_v[-1]:
+            w2 = out_w[-2] + out_w[-1]
+            v2 = (out_v[-2] * out_w[-2] + out_v[-1] * out_w[-1]) / w2
+            n2 = out_n[-2] + out_n[-1]
+            del out_v[-1], out_w[-1], out_n[-1]
+            out_v[-1], out_w[-1], out_n[-1] = v2, w2, n2
+    return np.repeat(np.asarray(out_v), out_n)
+
+
+@dataclass(frozen=True)
+class RankCurve:
+    """Hit probability by 0-based rank, piecewise constant over log-spaced rank bins."""
+
+    edges: tuple[int, ...]  # bin starts; the last bin extends to infinity
+    p: tuple[float, ...]
+
+    def dense(self, n: int) -> npt.NDArray[np.float64]:
+        """The curve evaluated at ranks 0..n-1 (a lookup table for the hot path)."""
+        idx = np.searchsorted(np.asarray(self.edges), np.arange(n), side="right") - 1
+        return np.asarray(self.p, dtype=np.float64)[np.clip(idx, 0, len(self.p) - 1)]
+
+
+def fit_curve(
+    hits_by_rank: npt.NDArray[np.float64], lists_by_rank: npt.NDArray[np.float64]
+) -> RankCurve:
+    """Smooth per-rank hit counts into a monotone curve.
+
+    ``hits_by_rank[r]`` counts hits at rank r over all users, ``lists_by_rank[r]`` how many
+    users' lists reached rank r. Ranks are pooled into log-spaced bins (rank 0, 1, 2-3, 4-7, ...)
+    so the tail is not noise, with a small prior toward the overall rate.
+    """
+    n = int(lists_by_rank.size)
+    if n == 0:
+        return RankCurve((0,), (0.0,))
+    edges = [0]
+    step = 1
+    while edges[-1] + step < n:
+        edges.append(edges[-1] + step)
+        step = step * 2 if len(edges) > 2 else 1
+    bounds = [*edges, n]
+    h = np.array([hits_by_rank[a:b].sum() for a, b in itertools.pairwise(bounds)])
+    m = np.array([lists_by_rank[a:b].sum() for a, b in itertools.pairwise(bounds)])
+    overall = h.sum() / max(m.sum(), 1.0)
+    prior = 5.0
+    rate = (h + prior * overall) / (m + prior)
+    mono = isotonic_decreasing(rate, m + prior)
+    return RankCurve(tuple(int(e) for e in edges), tuple(float(x) for x in mono))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    curves: Mapping[str, RankCurve]
+    users: int
+
+    def save(self, path: Path) -> None:
+        data = {
+            "format_version": FORMAT_VERSION,
+            "users": self.users,
+            "curves": {n: {"edges": list(c.edges), "p": list(c.p)} for n, c in self.curves.items()},
+        }
+        path.write_text(json.dumps(data, indent=2))
+
+    @classmethod
+    def load(cls, path: Path, required: Sequence[str]) -> Calibration:
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(
+                f"{path}: no calibration; run `retrieval tune CONFIG --events LOG` first"
+            ) from None
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(
+                f"{path}: unreadable calibration ({exc}); run `retrieval tune`"
+            ) from None
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{path}: calibration format {data.get('format_version')!r}; rerun tune"
+            )
+        curves = {n: RankCurve(tuple(c["edges"]), tuple(c["p"])) for n, c in data["curves"].items()}
+        missing = [n for n in required if n not in curves]
+        if missing:
+            raise ValueError(
+                f"{path}: no curve for sources {missing}; rerun `retrieval tune` for this config"
+            )
+        return cls(curves, int(data.get("users", 0)))
