@@ -62,7 +62,7 @@ class SourceContract:
             history=("no-such-item", 987_654_321_987),
             context={"country": "nowhere"},
         )
-        ids, scores = self._call(source, req, self.k)
+        ids, _scores = self._call(source, req, self.k)
         assert np.asarray(ids).size <= self.k
 
     def test_never_mutates_the_request(self, source):

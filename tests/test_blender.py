@@ -176,12 +176,8 @@ def test_source_needs_are_checked_per_request(blenders):
 
 def test_deterministic_regardless_of_finish_order(blenders):
     # b finishes first in one blender, last in the other; the results must be identical.
-    fast_first = blenders(
-        [slot(src("a", [1, 2, 3], delay_ms=30)), slot(src("b", [3, 4, 1]))], k=10
-    )
-    slow_first = blenders(
-        [slot(src("a", [1, 2, 3])), slot(src("b", [3, 4, 1], delay_ms=30))], k=10
-    )
+    fast_first = blenders([slot(src("a", [1, 2, 3], delay_ms=30)), slot(src("b", [3, 4, 1]))], k=10)
+    slow_first = blenders([slot(src("a", [1, 2, 3])), slot(src("b", [3, 4, 1], delay_ms=30))], k=10)
     r1, r2 = fast_first.blend(Request()), slow_first.blend(Request())
     assert r1.item_ids.tolist() == r2.item_ids.tolist()
     assert np.array_equal(r1.ranks, r2.ranks)

@@ -74,7 +74,9 @@ def test_unknown_kind_lists_kinds(tmp_path):
 
 
 def test_unimportable_kind(tmp_path):
-    msg = error_of(tmp_path, GOOD.replace(f"kind: {TOY}\n    weight", "kind: nope.mod:X\n    weight"))
+    msg = error_of(
+        tmp_path, GOOD.replace(f"kind: {TOY}\n    weight", "kind: nope.mod:X\n    weight")
+    )
     assert "sources[1].kind" in msg and "nope.mod" in msg
 
 

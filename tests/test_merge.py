@@ -11,7 +11,11 @@ def sl(ids, scores=None, weight=1.0, quota=None):
     if scores is None:
         scores = np.linspace(1, 0.5, ids.size)
     return SourceList(
-        ids, np.asarray(scores, dtype=np.float32), np.arange(ids.size, dtype=np.int32), weight, quota
+        ids,
+        np.asarray(scores, dtype=np.float32),
+        np.arange(ids.size, dtype=np.int32),
+        weight,
+        quota,
     )
 
 

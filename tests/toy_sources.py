@@ -48,7 +48,9 @@ class ListSource(Source):
         scores = (
             np.asarray(self.p.scores, dtype=np.float32)
             if self.p.scores is not None
-            else np.linspace(1.0, 0.5, n, dtype=np.float32) if n else np.empty(0, np.float32)
+            else np.linspace(1.0, 0.5, n, dtype=np.float32)
+            if n
+            else np.empty(0, np.float32)
         )
         return ids[:k], scores[:k]
 

@@ -1,0 +1,235 @@
+"""Co-visitation: items seen together in sessions are each other's candidates.
+
+Build: every pair of events at most ``window`` apart in one session adds a weight to (a, b).
+Pairs are generated chunk by chunk (chunks end on session boundaries), summed per chunk, spilled
+to disk partitioned by source-item range, and reduced one partition at a time to the top
+``top_k`` neighbours per item, so memory stays bounded at 10M items and 100M events: all pairs
+never exist at once. Serving sums the neighbour lists of the user's recent items.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import Field
+
+from retrieval.artifacts import CSR, save_csr
+from retrieval.events import EventLog
+from sources.base import Need, SourceParams
+from sources.neighbours import NeighbourSource, top_k_per_row
+
+__all__ = ["CovisitationParams", "CovisitationSource", "count_pairs", "event_weight_vector"]
+
+DEFAULT_EVENT_WEIGHTS = {"click": 1.0, "cart": 3.0, "order": 6.0}
+# Pairs held in memory per partition while reducing; sets how many partitions a build spills to.
+_PAIRS_PER_PARTITION = 60_000_000
+
+
+class CovisitationParams(SourceParams):
+    window: int = Field(10, ge=1, le=1000)
+    session_gap_s: float = Field(1800.0, gt=0)
+    event_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
+    time_decay_half_life_days: float | None = Field(None, gt=0)
+    direction: Literal["symmetric", "forward"] = "symmetric"
+    top_k: int = Field(100, ge=1, le=10_000)
+    history: int = Field(20, ge=1, le=10_000)
+    recency_decay: float = Field(0.9, gt=0, le=1)
+    chunk_events: int = Field(2_000_000, ge=1)
+
+    serving_params = frozenset({"history", "recency_decay", "chunk_events"})
+
+
+def event_weight_vector(
+    events: EventLog, event_weights: dict[str, float]
+) -> npt.NDArray[np.float64]:
+    """Each event's weight: its ``weight`` column times its type's weight (unknown types: 1)."""
+    w = np.asarray(events.weights, dtype=np.float64)
+    if events.event_types is not None and events.event_type_names:
+        per_type = np.array(
+            [float(event_weights.get(n, 1.0)) for n in events.event_type_names], dtype=np.float64
+        )
+        w = w * per_type[events.event_types]
+    return w
+
+
+def _sessions(events: EventLog, gap_s: float) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.int64]]:
+    """An order in which sessions are contiguous and time-sorted, and a session id per event.
+
+    With a ``session_id`` column, sessions are (user, session_id); otherwise a user's events
+    split wherever the gap exceeds ``gap_s``.
+    """
+    n = len(events)
+    if events.sessions is not None:
+        order = np.lexsort((events.timestamps, events.sessions, events.users))
+        users, sess = events.users[order], events.sessions[order]
+        start = np.empty(n, dtype=bool)
+        start[:1] = True
+        start[1:] = (users[1:] != users[:-1]) | (sess[1:] != sess[:-1])
+    else:
+        order = np.arange(n)
+        ts, users = events.timestamps, events.users
+        start = np.empty(n, dtype=bool)
+        start[:1] = True
+        start[1:] = (users[1:] != users[:-1]) | (np.diff(ts) > gap_s)
+    return order, np.cumsum(start, dtype=np.int64) - 1
+
+
+def _chunks(session: npt.NDArray[np.int64], size: int) -> Iterator[tuple[int, int]]:
+    """[start, stop) ranges of about ``size`` events that never cut a session."""
+    n = session.size
+    start = 0
+    while start < n:
+        stop = min(start + size, n)
+        if stop < n:
+            # Move the cut forward to the next session start.
+            stop = int(np.searchsorted(session, session[stop - 1], side="right"))
+        yield start, stop
+        start = stop
+
+
+def count_pairs(
+    items: npt.NDArray[np.int32],
+    session: npt.NDArray[np.int64],
+    weight: npt.NDArray[np.float64],
+    stamps: npt.NDArray[np.float64],
+    n_items: int,
+    params: CovisitationParams,
+    t_max: float,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """Summed pair weights for one chunk, as sorted packed keys ``a * n_items + b``."""
+    keys: list[npt.NDArray[np.int64]] = []
+    vals: list[npt.NDArray[np.float64]] = []
+    half_life = (
+        None
+        if params.time_decay_half_life_days is None
+        else params.time_decay_half_life_days * 86_400.0
+    )
+    for d in range(1, params.window + 1):
+        if d >= items.size:
+            break
+        same = session[d:] == session[:-d]
+        i = np.flatnonzero(same)
+        j = i + d
+        a, b = items[i].astype(np.int64), items[j].astype(np.int64)
+        distinct = a != b
+        i, j, a, b = i[distinct], j[distinct], a[distinct], b[distinct]
+        decay = 1.0 if half_life is None else np.exp2(-(t_max - stamps[j]) / half_life)
+        # a -> b is as strong as what happened to b (a cart after a view counts more).
+        keys.append(a * n_items + b)
+        vals.append(weight[j] * decay)
+        if params.direction == "symmetric":
+            keys.append(b * n_items + a)
+            vals.append(weight[i] * decay)
+    if not keys:
+        return np.empty(0, np.int64), np.empty(0, np.float64)
+    return _sum_by_key(np.concatenate(keys), np.concatenate(vals))
+
+
+def _sum_by_key(
+    keys: npt.NDArray[np.int64], vals: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    if keys.size == 0:
+        return keys, vals
+    order = np.argsort(keys, kind="stable")
+    keys, vals = keys[order], vals[order]
+    first = np.empty(keys.size, dtype=bool)
+    first[0] = True
+    np.not_equal(keys[1:], keys[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    return keys[starts], np.add.reduceat(vals, starts)
+
+
+def build_covisitation(
+    events: EventLog,
+    params: CovisitationParams,
+    spill_dir: Path,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[CSR, dict[str, Any]]:
+    n_items = len(events.item_ids)
+    order, session = _sessions(events, params.session_gap_s)
+    items = events.items[order]
+    stamps = events.timestamps[order]
+    weight = event_weight_vector(events, params.event_weights)[order]
+    t_max = float(stamps.max()) if stamps.size else 0.0
+    per_event = params.window * (2 if params.direction == "symmetric" else 1)
+    n_parts = max(1, math.ceil(len(events) * per_event / _PAIRS_PER_PARTITION))
+    bounds = np.linspace(0, n_items, n_parts + 1).astype(np.int64)
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    pairs_counted = 0
+    n_chunks = 0
+    try:
+        for c, (lo, hi) in enumerate(_chunks(session, params.chunk_events)):
+            keys, vals = count_pairs(
+                items[lo:hi], session[lo:hi], weight[lo:hi], stamps[lo:hi], n_items, params, t_max
+            )
+            pairs_counted += int(keys.size)
+            cuts = np.searchsorted(keys, bounds * n_items)
+            for p in range(n_parts):
+                a, b = cuts[p], cuts[p + 1]
+                if b > a:
+                    np.save(spill_dir / f"p{p}-c{c}.keys.npy", keys[a:b])
+                    np.save(spill_dir / f"p{p}-c{c}.vals.npy", vals[a:b])
+            n_chunks = c + 1
+            if progress is not None:
+                progress(hi)
+        indptr_parts, index_parts, score_parts = [], [], []
+        for p in range(n_parts):
+            key_files = sorted(spill_dir.glob(f"p{p}-c*.keys.npy"))
+            if key_files:
+                keys = np.concatenate([np.load(f) for f in key_files])
+                vals = np.concatenate(
+                    [np.load(str(f).replace(".keys.", ".vals.")) for f in key_files]
+                )
+                keys, vals = _sum_by_key(keys, vals)
+                for f in key_files:
+                    f.unlink()
+                    Path(str(f).replace(".keys.", ".vals.")).unlink()
+            else:
+                keys, vals = np.empty(0, np.int64), np.empty(0, np.float64)
+            lo_item, hi_item = int(bounds[p]), int(bounds[p + 1])
+            part = top_k_per_row(
+                keys // n_items - lo_item, keys % n_items, vals, hi_item - lo_item, params.top_k
+            )
+            indptr_parts.append(part.indptr[1:])
+            index_parts.append(part.indices)
+            score_parts.append(part.scores)
+    finally:
+        shutil.rmtree(spill_dir, ignore_errors=True)
+    lengths = np.concatenate([np.diff(np.r_[0, ip]) for ip in indptr_parts])
+    indptr = np.zeros(n_items + 1, dtype=np.int64)
+    np.cumsum(lengths, out=indptr[1:])
+    csr = CSR(indptr, np.concatenate(index_parts), np.concatenate(score_parts))
+    stats = {
+        "pairs_counted": pairs_counted,
+        "nnz": csr.nnz,
+        "items_with_neighbours": int(np.count_nonzero(lengths)),
+        "sessions": int(session[-1] + 1) if session.size else 0,
+        "chunks": n_chunks,
+        "partitions": n_parts,
+    }
+    return csr, stats
+
+
+class CovisitationSource(NeighbourSource):
+    kind = "covisitation"
+    Params = CovisitationParams
+    needs = frozenset({Need.HISTORY})
+
+    @classmethod
+    def build(
+        cls,
+        events: EventLog,
+        out_dir: Path,
+        params: SourceParams,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:
+        assert isinstance(params, CovisitationParams)
+        csr, stats = build_covisitation(events, params, out_dir / "_spill", progress)
+        save_csr(out_dir, csr)
+        return stats

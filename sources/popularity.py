@@ -1,0 +1,317 @@
+"""Popular items, globally and per segment: the fallback that backfills blends, serves cold users.
+
+Offline, each event adds its weight (event-type weight times the log's own weight column) to its
+item, decayed by age relative to the log's newest event (``mode: decayed``), or compared between
+a recent window and a longer baseline (``mode: trending``). The top ``top_n`` items are kept per
+list as one CSR: row 0 is the global list, then one row per value of each segment column.
+
+Online, serving is a slice of one row, so this source stays fast and never fails for an unknown
+user. With a store, live counts recorded since the build are folded in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import Field
+
+from retrieval.artifacts import CSR, ArtifactError, IdMap, load_csr, save_csr
+from retrieval.types import Deadline, Request, as_id_array
+from sources.base import Ranked, Source, SourceContext, SourceParams
+
+if TYPE_CHECKING:
+    from retrieval.events import EventLog
+
+__all__ = ["PopularityParams", "PopularitySource", "event_weight_vector"]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_DAY_S = 86_400.0
+_DENSE_KEYS_LIMIT = 1 << 25  # a bincount of this many float64 slots is 256 MB: beyond, np.unique
+_LIVE_MIN_MS = 1.0  # below this much time left, skip the store round-trip and serve the build
+
+DEFAULT_EVENT_WEIGHTS: dict[str, float] = {"click": 1.0, "cart": 3.0, "order": 6.0}
+
+
+class PopularityParams(SourceParams):
+    half_life_days: float = Field(7.0, gt=0)
+    event_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
+    segments: list[str] = Field(default_factory=list)
+    mode: Literal["decayed", "trending"] = "decayed"
+    trending_window_days: float = Field(1.0, gt=0)
+    baseline_days: float = Field(14.0, gt=0)
+    trending_smoothing: float = Field(5.0, gt=0)
+    top_n: int = Field(10_000, ge=1)
+    live_weight: float = Field(1.0, ge=0)
+
+
+def event_weight_vector(
+    events: EventLog, event_weights: Mapping[str, float]
+) -> npt.NDArray[np.float64]:
+    """Each event's weight: its own weight column times its type's weight (unknown types: 1)."""
+    w = np.asarray(events.weights, dtype=np.float64)
+    if events.event_types is not None and len(events.event_type_names):
+        per_type = np.array(
+            [float(event_weights.get(n, 1.0)) for n in events.event_type_names], dtype=np.float64
+        )
+        codes = np.asarray(events.event_types)
+        ok = codes >= 0
+        w = w * np.where(ok, per_type[np.where(ok, codes, 0)], 1.0)
+    return w
+
+
+def _aggregate(
+    rows: npt.NDArray[np.int64],
+    items: npt.NDArray[np.int32],
+    n_rows: int,
+    n_items: int,
+    values: list[npt.NDArray[np.float64]],
+) -> tuple[npt.NDArray[np.int64], list[npt.NDArray[np.float64]]]:
+    """Sum each value array per (row, item) key; keys come back sorted and with any event.
+
+    A packed int64 key keeps this one vectorised pass: a dense bincount when rows x items is
+    small, else ``np.unique`` over the keys that occur.
+    """
+    key = rows * np.int64(n_items) + items.astype(np.int64)
+    if n_rows * n_items <= max(_DENSE_KEYS_LIMIT, 4 * key.size):
+        counts = np.bincount(key, minlength=n_rows * n_items)
+        present = np.flatnonzero(counts)
+        sums: list[npt.NDArray[np.float64]] = [
+            np.bincount(key, weights=v, minlength=n_rows * n_items)[present].astype(
+                np.float64, copy=False
+            )
+            for v in values
+        ]
+        return present.astype(np.int64), sums
+    uniq, inverse = np.unique(key, return_inverse=True)
+    inverse = inverse.ravel()
+    sums = [
+        np.bincount(inverse, weights=v, minlength=uniq.size).astype(np.float64, copy=False)
+        for v in values
+    ]
+    return uniq, sums
+
+
+def _top_rows(
+    keys: npt.NDArray[np.int64],
+    scores: npt.NDArray[np.float64],
+    n_rows: int,
+    n_items: int,
+    top_n: int,
+) -> CSR:
+    """Keep each row's ``top_n`` best items (positive scores only), best first, as a CSR."""
+    keep = scores > 0
+    keys, scores = keys[keep], scores[keep]
+    row = keys // n_items
+    order = np.lexsort((-scores, row))  # by row, then best first; ties by item id (keys sorted)
+    row_sorted = row[order]
+    starts = np.concatenate([[0], np.cumsum(np.bincount(row, minlength=n_rows))])
+    rank = np.arange(order.size) - starts[row_sorted]
+    order = order[rank < top_n]
+    kept_rows = row[order]
+    indptr = np.concatenate([[0], np.cumsum(np.bincount(kept_rows, minlength=n_rows))])
+    return CSR(
+        indptr=indptr.astype(np.int64),
+        indices=(keys[order] % n_items).astype(np.int32),
+        scores=scores[order].astype(np.float32),
+    )
+
+
+class PopularitySource(Source):
+    """Serves one precomputed list per request: the first segment in ``params.segments`` whose
+    value is in ``request.context`` and was seen at build time, else the global list.
+
+    A segment list shorter than ``k`` is backfilled from the global list (scored below it), and
+    live counts from ``context.store`` (``store.popular("<segment>=<value>" or None, k)``) are
+    added with ``live_weight``. In ``trending`` mode build scores are ratios, not counts: lower
+    ``live_weight`` accordingly.
+    """
+
+    kind = "popularity"
+    Params = PopularityParams
+
+    def __init__(self, name: str, params: SourceParams, context: SourceContext) -> None:
+        super().__init__(name, params, context)
+        if not isinstance(params, PopularityParams):
+            raise TypeError(f"{name}: expected PopularityParams, got {type(params).__name__}")
+        self.p = params
+        if context.artifacts is None:
+            raise ArtifactError(f"source {name!r} (popularity) needs built artifacts; run a build")
+        self.dir = Path(context.artifacts) / name
+        meta_path = self.dir / "popularity.json"
+        try:
+            meta = json.loads(meta_path.read_text())
+            segments = json.loads((self.dir / "segments.json").read_text())
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(
+                f"{meta_path.parent}: unreadable popularity artifacts: {exc}"
+            ) from exc
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(
+                f"{meta_path}: format_version {meta.get('format_version')!r}, "
+                f"this code reads {FORMAT_VERSION}; rebuild the artifacts"
+            )
+        self.csr = load_csr(self.dir, mmap=True)
+        self.item_ids = IdMap.load(Path(context.artifacts) / "ids" / "items.npy", mmap=True)
+        self.segment_rows: dict[str, dict[str, int]] = {
+            seg: {str(v): int(r) for v, r in values.items()} for seg, values in segments.items()
+        }
+        self.meta = meta
+        self._live_failed = False
+
+    def _pick_row(self, context: Mapping[str, str]) -> tuple[int, str | None]:
+        for seg in self.p.segments:
+            value = context.get(seg)
+            if value is None:
+                continue
+            row = self.segment_rows.get(seg, {}).get(str(value))
+            if row is not None:
+                return row, f"{seg}={value}"
+        return 0, None
+
+    def _slice(self, row: int, n: int) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+        a, b = int(self.csr.indptr[row]), int(self.csr.indptr[row + 1])
+        b = min(b, a + n)
+        return np.asarray(self.csr.indices[a:b]), np.asarray(self.csr.scores[a:b])
+
+    def _live(
+        self, key: str | None, limit: int
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[np.float64]]:
+        store = self.context.store
+        empty = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64))
+        if store is None or self.p.live_weight == 0:
+            return empty
+        try:
+            ids, scores = store.popular(key, limit)
+        except Exception:  # the fallback must not fail because the store did
+            if not self._live_failed:
+                logger.warning(
+                    "%s: store.popular failed; serving build counts", self.name, exc_info=True
+                )
+                self._live_failed = True
+            return empty
+        if not ids:
+            return empty
+        return as_id_array(ids), np.asarray(scores, dtype=np.float64) * self.p.live_weight
+
+    def retrieve(self, request: Request, k: int, deadline: Deadline) -> Ranked:
+        row, key = self._pick_row(request.context)
+        if deadline.remaining_ms() > _LIVE_MIN_MS:
+            live_ids, live_scores = self._live(key, k)
+        else:
+            live_ids, live_scores = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
+        n = k + live_ids.size
+        dense, scores = self._slice(row, n)
+        if row != 0 and dense.size < n:
+            g_dense, g_scores = self._slice(0, n + dense.size)
+            fresh = ~np.isin(g_dense, dense)
+            g_dense, g_scores = g_dense[fresh][: n - dense.size], g_scores[fresh][: n - dense.size]
+            if dense.size and g_scores.size:  # strictly below the segment list, same order
+                g_scores = g_scores * np.float32(0.5 * scores[-1] / g_scores[0])
+            dense = np.concatenate([dense, g_dense])
+            scores = np.concatenate([scores, g_scores])
+        ids = self.item_ids.to_external(dense)
+        if live_ids.size == 0:
+            return ids[:k], scores[:k].astype(np.float32, copy=False)
+        if ids.size and live_ids.dtype.kind != ids.dtype.kind:
+            logger.debug(
+                "%s: live ids are %s, built ids %s; ignoring live",
+                self.name,
+                live_ids.dtype,
+                ids.dtype,
+            )
+            return ids[:k], scores[:k].astype(np.float32, copy=False)
+        all_ids = np.concatenate([ids, live_ids]) if ids.size else live_ids
+        all_scores = np.concatenate([scores.astype(np.float64), live_scores])
+        uniq, inverse = np.unique(all_ids, return_inverse=True)
+        total = np.bincount(inverse.ravel(), weights=all_scores, minlength=uniq.size)
+        order = np.argsort(-total, kind="stable")[:k]
+        return uniq[order], total[order].astype(np.float32)
+
+    @classmethod
+    def build(
+        cls,
+        events: EventLog,
+        out_dir: Path,
+        params: SourceParams,
+        progress: Callable[[int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Count, decay and rank: a few vectorised passes over the log, one per segment column."""
+        if not isinstance(params, PopularityParams):
+            raise TypeError(f"expected PopularityParams, got {type(params).__name__}")
+        p = params
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        missing = [s for s in p.segments if s not in events.segments]
+        if missing:
+            raise ValueError(
+                f"popularity segments {missing} are not columns of the event log; "
+                f"available: {sorted(events.segments) or 'none'}"
+            )
+        n_items = len(events.item_ids)
+        n_events = int(events.items.shape[0])
+        ts = np.asarray(events.timestamps, dtype=np.float64)
+        t_max = float(ts.max()) if n_events else 0.0
+        w = event_weight_vector(events, p.event_weights)
+        age = t_max - ts
+        if p.mode == "decayed":
+            values = [w * np.exp2(-age / (p.half_life_days * _DAY_S))]
+        else:
+            window, baseline = p.trending_window_days * _DAY_S, p.baseline_days * _DAY_S
+            recent = age < window
+            base = ~recent & (age < window + baseline)
+            values = [np.where(recent, w, 0.0), np.where(base, w, 0.0)]
+
+        items = np.asarray(events.items)
+        row_parts: list[npt.NDArray[np.int64]] = [np.zeros(n_events, dtype=np.int64)]
+        item_parts = [items]
+        value_parts = [values]
+        mapping: dict[str, dict[str, int]] = {}
+        n_rows = 1
+        for seg in p.segments:
+            codes = np.asarray(events.segments[seg])
+            seg_values = np.asarray(events.segment_values[seg])
+            ok = codes >= 0
+            row_parts.append(codes[ok].astype(np.int64) + n_rows)
+            item_parts.append(items[ok])
+            value_parts.append([v[ok] for v in values])
+            mapping[seg] = {str(v): n_rows + i for i, v in enumerate(seg_values.tolist())}
+            n_rows += int(seg_values.shape[0])
+
+        rows = np.concatenate(row_parts)
+        all_items = np.concatenate(item_parts)
+        all_values = [np.concatenate([vp[j] for vp in value_parts]) for j in range(len(values))]
+        keys, sums = _aggregate(rows, all_items, n_rows, n_items, all_values)
+        if p.mode == "decayed":
+            scores = sums[0]
+        else:
+            # Recent count vs the count the baseline rate predicts for the window, both padded
+            # with ``trending_smoothing`` pseudo-events so that 1 vs 0 is not "infinitely rising".
+            expected = sums[1] * (p.trending_window_days / p.baseline_days)
+            m = p.trending_smoothing
+            scores = np.where(sums[0] > 0, (sums[0] + m) / (expected + m), 0.0)
+        csr = _top_rows(keys, scores, n_rows, n_items, p.top_n)
+        save_csr(out_dir, csr)
+        (out_dir / "segments.json").write_text(json.dumps(mapping))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "mode": p.mode,
+            "max_timestamp": t_max,
+            "n_items": n_items,
+            "n_rows": n_rows,
+        }
+        (out_dir / "popularity.json").write_text(json.dumps(meta))
+        if progress is not None:
+            progress(n_events)
+        return {
+            **meta,
+            "nnz": int(csr.indices.shape[0]),
+            "segments": {s: len(v) for s, v in mapping.items()},
+        }

@@ -1,0 +1,58 @@
+"""Item-CF: neighbours match a direct cosine computation on the same matrix."""
+
+import numpy as np
+import pytest
+
+from retrieval.events import read_events
+from retrieval.types import Deadline, Request
+from sources.itemcf import ItemCFParams, ItemCFSource, user_item_matrix
+from tests.builds import build_source
+from tests.contract import SourceContract
+
+
+def random_rows(seed=0, users=40, items=25, n=300):
+    rng = np.random.default_rng(seed)
+    u = rng.integers(0, users, n)
+    i = rng.integers(0, items, n)
+    return [f"{a},{100 + b},{t}" for t, (a, b) in enumerate(zip(u, i, strict=True))]
+
+
+def test_cosine_neighbours_match_numpy(tmp_path):
+    rows = random_rows()
+    src = build_source(tmp_path, ItemCFSource, ItemCFParams(neighbours=5), rows)
+    events = read_events(tmp_path / "src.csv")
+    m = user_item_matrix(events, {}).toarray().astype(np.float64)
+    norms = np.linalg.norm(m, axis=0)
+    sim = (m.T @ m) / np.outer(norms, norms)
+    np.fill_diagonal(sim, -np.inf)
+    for item in range(m.shape[1]):
+        got_idx, got_sc = src.csr.row(item)
+        expected = np.sort(sim[item][np.isfinite(sim[item]) & (sim[item] > 0)])[::-1][:5]
+        assert np.allclose(np.sort(got_sc)[::-1], expected, atol=1e-5), item
+        assert np.allclose(sim[item][got_idx], got_sc, atol=1e-5)
+        assert item not in got_idx.tolist()
+
+
+@pytest.mark.parametrize("model", ["bm25", "tfidf"])
+def test_other_models_build_and_serve(tmp_path, model):
+    src = build_source(
+        tmp_path, ItemCFSource, ItemCFParams(model=model, neighbours=5), random_rows()
+    )
+    ids, scores = src.retrieve(Request(history=(100, 101)), 10, Deadline.in_ms(100))
+    assert 0 < ids.size <= 10 and 100 not in ids.tolist() and 101 not in ids.tolist()
+    assert np.all(np.diff(scores) <= 0)
+
+
+def test_string_ids_round_trip(tmp_path):
+    rows = [f"u{r.split(',')[0]},sku-{r.split(',')[1]},{r.split(',')[2]}" for r in random_rows()]
+    src = build_source(tmp_path, ItemCFSource, ItemCFParams(neighbours=5), rows)
+    ids, _ = src.retrieve(Request(history=("sku-100",)), 5, Deadline.in_ms(100))
+    assert ids.dtype.kind == "U" and all(i.startswith("sku-") for i in ids.tolist())
+
+
+class TestItemCFContract(SourceContract):
+    def make_source(self, tmp_path):
+        return build_source(tmp_path, ItemCFSource, ItemCFParams(neighbours=10), random_rows(1))
+
+    def known_request(self):
+        return Request(user_id=1, history=(100, 101, 102))

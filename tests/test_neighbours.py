@@ -1,0 +1,60 @@
+"""The shared aggregation behind co-visitation and item-CF."""
+
+import numpy as np
+import pytest
+
+from retrieval.artifacts import CSR
+from retrieval.types import Deadline
+from sources.neighbours import aggregate, top_k_per_row
+
+
+def csr_from(rows):
+    """rows: {item: [(neighbour, score), ...]} over items 0..n-1."""
+    n = max(rows) + 1
+    indptr = [0]
+    idx, sc = [], []
+    for i in range(n):
+        for j, s in rows.get(i, []):
+            idx.append(j)
+            sc.append(s)
+        indptr.append(len(idx))
+    return CSR(np.array(indptr, np.int64), np.array(idx, np.int32), np.array(sc, np.float32))
+
+
+CSR_HAND = csr_from({0: [(1, 3.0), (2, 1.0)], 1: [(2, 2.0), (3, 1.0)], 2: [(0, 5.0)], 4: []})
+
+
+def test_weighted_sum_by_hand():
+    ids, sc = aggregate(CSR_HAND, np.array([0, 1], np.int32), np.array([1.0, 0.5], np.float32), 10)
+    # candidates: 1 (3.0, but it is history), 2 (1.0 + 0.5*2 = 2.0), 3 (0.5)
+    assert ids.tolist() == [2, 3]
+    assert sc.tolist() == pytest.approx([2.0, 0.5])
+
+
+def test_unknown_and_empty_rows():
+    ids, _ = aggregate(CSR_HAND, np.array([-1, 4], np.int32), np.ones(2, np.float32), 10)
+    assert ids.size == 0
+
+
+def test_k_and_ties_by_id():
+    c = csr_from({0: [(3, 1.0), (2, 1.0), (1, 1.0)]})
+    ids, _ = aggregate(c, np.array([0], np.int32), np.ones(1, np.float32), 2)
+    assert ids.tolist() == [1, 2]
+
+
+def test_hurry_reads_fewer_history_items():
+    c = csr_from({i: [(100 + i, 1.0)] for i in range(20)} | {120: []})
+    w = np.linspace(0.1, 1.0, 20).astype(np.float32)
+    rows = np.arange(20, dtype=np.int32)
+    full, _ = aggregate(c, rows, w, 50, Deadline.in_ms(1000))
+    hurried, _ = aggregate(c, rows, w, 50, Deadline.in_ms(0.0))
+    assert full.size == 20 and hurried.size == 5
+    assert set(hurried.tolist()) == {115, 116, 117, 118, 119}  # the heaviest history items
+
+
+def test_top_k_per_row():
+    csr = top_k_per_row(
+        np.array([0, 0, 0, 2]), np.array([5, 6, 7, 1]), np.array([1.0, 3.0, 3.0, 2.0]), 3, 2
+    )
+    assert csr.indptr.tolist() == [0, 2, 2, 3]
+    assert csr.indices.tolist() == [6, 7, 1]
