@@ -8,6 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 from retrieval.artifacts import ArtifactError
 from retrieval.config import ConfigError, load_config
@@ -72,7 +73,7 @@ def _build(args: argparse.Namespace) -> int:
 def _synth(args: argparse.Namespace) -> int:
     from retrieval.synth import synthesize
 
-    fmt = "csv" if ".csv" in args.out.name else "parquet"
+    fmt: Literal["csv", "parquet"] = "csv" if ".csv" in args.out.name else "parquet"
     stats = synthesize(
         args.out,
         n_items=args.items,
