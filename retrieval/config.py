@@ -129,7 +129,7 @@ class RetrievalConfig(_Model):
 
     def resolve_path(self, path: Path | str) -> Path:
         p = Path(path).expanduser()
-        return p if p.is_absolute() else self._base_dir / p
+        return p if p.is_absolute() else (self._base_dir / p).resolve()
 
     def source(self, name: str) -> SourceConfig:
         for s in self.sources:
