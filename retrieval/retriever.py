@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from threadpoolctl import threadpool_limits
 
 from blender.breaker import CircuitBreaker
 from blender.calibration import CALIBRATION_FILE, Calibration
@@ -30,6 +31,9 @@ class Retriever:
 
     def __init__(self, config: RetrievalConfig, *, store: Store | None = None) -> None:
         self.config = config
+        # One BLAS thread per call: the pool already runs sources in parallel, and implicit's
+        # users' most common performance complaint is BLAS threads oversubscribing the cores.
+        threadpool_limits(limits=1, user_api="blas")
         self.store: Store = store if store is not None else _make_store(config)
         artifacts = config.resolve_path(config.artifacts) if config.artifacts else None
         _check_needs(config, artifacts)
