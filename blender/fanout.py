@@ -12,7 +12,7 @@ import concurrent.futures as cf
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,6 +169,10 @@ class Blender:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future[Any]:
+        """Run side work (such as warm-up) on the blender's pool, not on a new thread."""
+        return self._pool.submit(fn, *args)
 
     # -- steps -----------------------------------------------------------------------------
 

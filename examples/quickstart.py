@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from retrieval import Retriever, load_config
+from retrieval import CandidateSet, Retriever, load_config
 from retrieval.build import build, format_summary
 from retrieval.events import read_events
 from retrieval.synth import synthesize
@@ -19,12 +19,19 @@ from retrieval.synth import synthesize
 HERE = Path(__file__).resolve().parent
 
 
-def main(n_items: int = 20_000, n_users: int = 5_000, n_events: int = 200_000) -> None:
-    config_path = HERE / "config.yaml"
-    config = load_config(config_path)
+def main(
+    n_items: int = 20_000,
+    n_users: int = 5_000,
+    n_events: int = 200_000,
+    workdir: Path | None = None,
+) -> CandidateSet:
+    """Run it all; ``workdir`` (tests pass one) holds the log and the build, not the repo."""
+    config = load_config(HERE / "config.yaml")
+    if workdir is not None:
+        config = config.model_copy(update={"artifacts": workdir / "artifacts"})
     assert config.artifacts is not None
     artifacts = config.resolve_path(config.artifacts)
-    data = HERE.parent / "data" / "quickstart.parquet"
+    data = (workdir or HERE.parent / "data") / "quickstart.parquet"
 
     t0 = time.perf_counter()
     stats = synthesize(data, n_items=n_items, n_users=n_users, n_events=n_events, seed=7)
@@ -64,6 +71,7 @@ def main(n_items: int = 20_000, n_users: int = 5_000, n_events: int = 200_000) -
         )
     if len(result) == 0:
         sys.exit("no candidates: something is wrong")
+    return result
 
 
 if __name__ == "__main__":

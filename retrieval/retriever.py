@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,7 +22,7 @@ from retrieval.artifacts import check_source, open_artifacts, params_hash
 from retrieval.build import build_params_hash_input
 from retrieval.config import ConfigError, RetrievalConfig, load_config
 from retrieval.store import Event, MemoryStore, Store
-from retrieval.types import CandidateSet, ItemId, Request, UserId
+from retrieval.types import CandidateSet, Deadline, ItemId, Request, UserId
 from sources.base import Need, Source, SourceContext
 
 __all__ = ["Retriever", "blend"]
@@ -75,6 +77,23 @@ class Retriever:
             curves=_load_curves(config, artifacts),
         )
         self._closed = False
+        self._warm_up()
+
+    def _warm_up(self, budget_s: float = 2.0) -> None:
+        """Touch every source once so the first real request does not pay for lazy imports,
+        first page faults of memory-mapped files and allocator growth (and time out).
+
+        Runs on the fan-out pool with a bounded wait, so a hanging source cannot hang startup.
+        """
+        probe = Request(user_id="__warm_up__", history=("__warm_up__",), k=1)
+
+        def touch(src: Source) -> None:
+            # A source that cannot serve the probe will say so, with a reason, at request time.
+            with contextlib.suppress(Exception):
+                src.retrieve(probe, 1, Deadline.in_ms(budget_s * 1000))
+
+        futures = [self._blender.submit(touch, src) for src in self.sources]
+        concurrent.futures.wait(futures, timeout=budget_s)
 
     @classmethod
     def from_yaml(cls, path: str | Path, *, store: Store | None = None) -> Retriever:

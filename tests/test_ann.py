@@ -246,3 +246,11 @@ def test_tight_deadline_still_answers(embedded, clustered_log):
     q = np.ones(DIMS, np.float32)
     got, _ = source.retrieve(Request(vector=q), 10, Deadline.in_ms(0.01))
     assert 0 < got.size <= 10
+
+
+def test_on_disk_build_and_string_ids(embedded, clustered_log):
+    d, x, ids = embedded
+    root, p = build(d, clustered_log, **emb_params(d, on_disk_build=True))
+    source = open_source(root, p)
+    got, _ = source.retrieve(Request(vector=x[3]), 5, Deadline.in_ms(1000))
+    assert got.dtype.kind == "U" and got[0] == ids[3]
