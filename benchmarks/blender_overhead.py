@@ -63,9 +63,7 @@ def main() -> None:
         whole.append(time.perf_counter() - t0)
     assert len(res) == 1000
 
-    prepared = [
-        SourceList(s.ids, s.scores, np.arange(s.ids.size, dtype=np.int32)) for s in sources
-    ]
+    prepared = [SourceList(s.ids, s.scores, np.arange(s.ids.size, dtype=np.int32)) for s in sources]
     merge_only = []
     for _ in range(args.calls):
         t0 = time.perf_counter()
