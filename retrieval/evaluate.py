@@ -535,30 +535,29 @@ def _same_dtype(cands: npt.NDArray[Any], like: npt.NDArray[Any]) -> npt.NDArray[
 
 
 def format_report(report: EvalReport) -> str:
-    cols = []
-    for k in report.ks:
-        cols += [f"recall@{k}", f"recall_new@{k}", f"hitrate@{k}", f"unique_hits@{k}"]
-    cols += ["p50_ms", "p99_ms"]
-    width = max(12, *(len(c) + 1 for c in cols))
-    head = f"{'source':<14}" + "".join(f"{c:>{width}}" for c in cols)
-    lines = [f"users: {report.users}", head]
+    """One block per k (recall, recall of new items, hit rate, unique hits), then latency."""
     rows = [*report.sources.items(), ("BLEND", report.blend)]
+    rows += [(f"BLEND:{name}", stats) for name, stats in report.variants.items()]
+    width = max(14, *(len(name) + 1 for name, _ in rows))
+    lines = [f"test users: {report.users}"]
+    for k in report.ks:
+        lines.append(
+            f"{'@' + str(k):<{width}}{'recall':>10}{'recall_new':>12}{'hitrate':>10}"
+            f"{'unique_hits':>13}{'returned':>10}"
+        )
+        for name, stats in rows:
+            unique = stats.get(f"unique_hits@{k}")
+            lines.append(
+                f"{name:<{width}}{stats[f'recall@{k}']:>10.4f}{stats[f'recall_new@{k}']:>12.4f}"
+                f"{stats[f'hitrate@{k}']:>10.4f}"
+                f"{'-' if unique is None else int(unique):>13}"
+                f"{stats.get(f'candidates@{k}', 0.0):>10.0f}"
+            )
+        lines.append("")
+    lines.append(f"{'latency':<{width}}{'p50_ms':>10}{'p99_ms':>12}")
     for name, stats in rows:
-        cells = []
-        for c in cols:
-            v = stats.get(c)
-            if v is None:
-                cells.append(f"{'-':>{width}}")
-            elif c.startswith("unique_hits"):
-                cells.append(f"{int(v):>{width}}")
-            else:
-                cells.append(f"{v:>{width}.4f}" if "ms" not in c else f"{v:>{width}.2f}")
-        lines.append(f"{name:<14}" + "".join(cells))
-    for name, stats in report.variants.items():
-        cells = [
-            f"{'-':>{width}}" if stats.get(c) is None else f"{stats[c]:>{width}.4f}" for c in cols
-        ]
-        lines.append(f"{'BLEND:' + name:<14}" + "".join(cells))
+        if "p50_ms" in stats:
+            lines.append(f"{name:<{width}}{stats['p50_ms']:>10.2f}{stats['p99_ms']:>12.2f}")
     if "coverage" in report.blend:
         lines.append(f"blend catalog coverage: {report.blend['coverage']:.4f}")
     if report.quota_sensitivity:
