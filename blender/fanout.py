@@ -218,13 +218,13 @@ class Blender:
         started: float,
     ) -> CandidateSet:
         results = [self._collect(call, started) for call in calls]
-        lists = self._filtered(calls, results, excl)
+        lists = self._lists(calls, results)
         for call in calls:
             assert call.report is not None
             if call.slot.required and call.report.status is not SourceStatus.OK:
                 raise RequiredSourceError(call.report)
 
-        merged = merge(lists, k, self.strategy, self.rrf_k)
+        merged = merge(lists, k, self.strategy, self.rrf_k, (self.blocklist, excl))
         item_ids, scores, ranks = merged.item_ids, merged.scores, merged.ranks
         backfilled = 0
         if item_ids.size < k and self.fallback is not None:
@@ -246,31 +246,22 @@ class Blender:
             backfilled=backfilled,
         )
 
-    def _filtered(
-        self, calls: list[_Call], results: list[Ranked | None], excl: Exclusions
-    ) -> list[SourceList | None]:
-        """Drop excluded ids from every list in one vectorised pass over all of them."""
+    def _lists(self, calls: list[_Call], results: list[Ranked | None]) -> list[SourceList | None]:
+        """Each source's answer as the merge sees it; exclusions are applied after dedupe."""
         present = [i for i, r in enumerate(results) if r is not None]
-        if not present:
-            return [None] * len(results)
-        ids_all = unify_id_dtypes([results[i][0] for i in present])  # type: ignore[index]
-        keep_all = np.concatenate(ids_all)
-        keep = self.blocklist.mask(keep_all) & excl.mask(keep_all)
         lists: list[SourceList | None] = [None] * len(results)
-        start = 0
+        if not present:
+            return lists
+        ids_all = unify_id_dtypes([results[i][0] for i in present])  # type: ignore[index]
         for i, ids in zip(present, ids_all, strict=True):
-            stop = start + ids.size
-            kept = keep[start:stop]
-            scores = results[i][1]  # type: ignore[index]
             lists[i] = SourceList(
-                ids=ids[kept],
-                scores=scores[kept],
-                ranks=np.flatnonzero(kept).astype(np.int32),
+                ids=ids,
+                scores=results[i][1],  # type: ignore[index]
+                ranks=np.arange(ids.size, dtype=np.int32),
                 weight=calls[i].slot.weight,
                 quota=calls[i].slot.quota,
                 curve=self.curves.get(calls[i].slot.name),
             )
-            start = stop
         return lists
 
     def _collect(self, call: _Call, started: float) -> Ranked | None:

@@ -59,3 +59,15 @@ class Exclusions:
         pos = np.searchsorted(banned, ids)
         pos[pos == banned.size] = 0
         return banned[pos] != ids
+
+    def allowed_sorted(self, uniq: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+        """Like ``mask`` for sorted unique ids, searching the few banned ids in them instead."""
+        allowed = np.ones(uniq.size, dtype=bool)
+        banned = self._as_int if uniq.dtype.kind in "iu" else self._as_str
+        if uniq.size == 0 or banned.size == 0:
+            return allowed
+        pos = np.searchsorted(uniq, banned)
+        inside = pos < uniq.size
+        pos = pos[inside]
+        allowed[pos[uniq[pos] == banned[inside]]] = False
+        return allowed

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from blender.filters import Exclusions
+
 __all__ = ["Merged", "SourceList", "merge", "unify_id_dtypes"]
 
 Strategy = Literal["rrf", "quota", "score", "calibrated"]
@@ -46,8 +48,19 @@ def unify_id_dtypes(arrays: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[Any]
     return [a.astype(np.int64, copy=False) for a in arrays]
 
 
-def merge(lists: Sequence[SourceList | None], k: int, strategy: Strategy, rrf_k: float) -> Merged:
-    """Blend ``lists`` (one slot per configured source, None when it produced nothing)."""
+def merge(
+    lists: Sequence[SourceList | None],
+    k: int,
+    strategy: Strategy,
+    rrf_k: float,
+    exclude: Sequence[Exclusions] = (),
+) -> Merged:
+    """Blend ``lists`` (one slot per configured source, None when it produced nothing).
+
+    Excluded ids are dropped after deduplication, where a few binary searches of the banned ids
+    in the sorted candidates replace a membership test per returned id; they take no slot and,
+    with ``quota``, count against no source's quota.
+    """
     n_sources = len(lists)
     present = [(j, s) for j, s in enumerate(lists) if s is not None and s.ids.size]
     if not present or k <= 0:
@@ -63,13 +76,16 @@ def merge(lists: Sequence[SourceList | None], k: int, strategy: Strategy, rrf_k:
     ranks = np.full((uniq.size, n_sources), -1, dtype=np.int32)
     # Reverse so that, if a source broke the contract and repeated an id, its best rank wins.
     ranks[inv[::-1], src[::-1]] = rank[::-1]
+    allowed = np.ones(uniq.size, dtype=bool)
+    for e in exclude:
+        allowed &= e.allowed_sorted(uniq)
 
     if strategy == "quota":
-        order, scores = _quota_order(present, uniq, inv, src, k)
+        order, scores = _quota_order(present, uniq, inv, src, k, allowed)
         return Merged(uniq[order], scores, ranks[order])
 
     if strategy == "calibrated":
-        return _calibrated(present, uniq, inv, rank, ranks, k)
+        return _calibrated(present, uniq, inv, rank, ranks, k, allowed)
 
     if strategy == "rrf":
         weights = np.array([s.weight for _, s in present], dtype=np.float64)
@@ -84,8 +100,17 @@ def merge(lists: Sequence[SourceList | None], k: int, strategy: Strategy, rrf_k:
             parts.append(norm * s.weight)
         contrib = np.concatenate(parts)
     blended = np.bincount(inv, weights=contrib, minlength=uniq.size).astype(np.float64)
-    order = top_k_order(blended, uniq, k)
+    order = _best(blended, uniq, k, allowed)
     return Merged(uniq[order], blended[order].astype(np.float32), ranks[order])
+
+
+def _best(
+    scores: npt.NDArray[np.float64], uniq: npt.NDArray[Any], k: int, allowed: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.intp]:
+    if allowed.all():
+        return top_k_order(scores, uniq, k)
+    keep = np.flatnonzero(allowed)
+    return keep[top_k_order(scores[keep], uniq[keep], k)]
 
 
 def top_k_order(
@@ -126,6 +151,7 @@ def _calibrated(
     rank: npt.NDArray[np.int32],
     ranks: npt.NDArray[np.int32],
     k: int,
+    allowed: npt.NDArray[np.bool_],
 ) -> Merged:
     """Rank by the chance of a hit: 1 - prod(1 - p_j(rank_j)) over the sources that found it.
 
@@ -147,12 +173,13 @@ def _calibrated(
         if s.quota:
             floor[inv[start:stop][: s.quota]] = True
         start = stop
+    floor &= allowed
     if floor.any():
         boosted = chance + floor * 2.0  # floors sort first, then by chance
-        order = top_k_order(boosted, uniq, k)
+        order = _best(boosted, uniq, k, allowed)
         order = order[np.lexsort((uniq[order], -chance[order]))]
     else:
-        order = top_k_order(chance, uniq, k)
+        order = _best(chance, uniq, k, allowed)
     return Merged(uniq[order], chance[order].astype(np.float32), ranks[order])
 
 
@@ -162,12 +189,12 @@ def _quota_order(
     inv: npt.NDArray[np.intp],
     src: npt.NDArray[np.int32],
     k: int,
+    allowed: npt.NDArray[np.bool_],
 ) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.float32]]:
     """Each source in priority order fills its quota with items no earlier source took; slots a
     source cannot fill go to the others round-robin; the slate interleaves sources by rank."""
-    n = uniq.size
     quotas = _quotas([s for _, s in present], k)
-    taken = np.zeros(n, dtype=bool)
+    taken = ~allowed  # excluded items are never picked
     pos_in_src = np.zeros(inv.size, dtype=np.int64)  # position among the source's own picks
     picked = np.zeros(inv.size, dtype=bool)
     start = 0
