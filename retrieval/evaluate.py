@@ -9,11 +9,12 @@ exclusions the blend applies) and for the blend.
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +29,7 @@ from blender.filters import Exclusions
 from blender.merge import SourceList, Strategy, merge, unify_id_dtypes
 from retrieval.artifacts import IdMap
 from retrieval.build import build
-from retrieval.config import RetrievalConfig, SourceConfig
+from retrieval.config import RetrievalConfig, SourceConfig, load_config
 from retrieval.events import EventLog, read_events
 from retrieval.retriever import Retriever
 from retrieval.types import Deadline, Request
@@ -225,9 +226,8 @@ def evaluate(
     with tempfile.TemporaryDirectory(prefix="retrieval-eval-") as tmp:
         artifacts = Path(tmp) / "artifacts"
         build(config, events_path, artifacts, events=split.train, progress=show)
-        cfg = config.model_copy(update={"artifacts": artifacts, "k": ks[-1]})
-        with Retriever(cfg) as retriever:
-            runs = collect(retriever, cfg, split, ks[-1], workers, show)
+        runs = collect(config, artifacts, split, ks[-1], workers, show)
+        cfg = config.model_copy(update={"k": ks[-1]})
     report = EvalReport(ks=ks, users=len(split.users))
     seen = _seen(split)
     names = list(runs.lists)
@@ -287,9 +287,7 @@ def calibrate(
     with tempfile.TemporaryDirectory(prefix="retrieval-tune-") as tmp:
         artifacts = Path(tmp) / "artifacts"
         build(config, events_path, artifacts, events=inner.train, progress=progress)
-        cfg = config.model_copy(update={"artifacts": artifacts, "k": k})
-        with Retriever(cfg) as retriever:
-            runs = collect(retriever, cfg, inner, k, workers, progress, with_blend=False)
+        runs = collect(config, artifacts, inner, k, workers, progress, with_blend=False)
     curves = {}
     for name, lists in runs.lists.items():
         hits = np.zeros(k, dtype=np.float64)
@@ -303,8 +301,8 @@ def calibrate(
 
 
 def collect(
-    retriever: Retriever,
     config: RetrievalConfig,
+    artifacts: Path,
     split: Split,
     k_max: int,
     workers: int,
@@ -312,64 +310,35 @@ def collect(
     *,
     with_blend: bool = True,
 ) -> Runs:
-    train = split.train
-    hist = _histories(train)
-    names = [s.name for s in retriever.sources]
-    type_names = np.asarray(train.event_type_names or ("",), dtype=object)
-    max_hist = max(config.store.history_len, 1)
+    """Every source's list (and the blend's) for every test user.
 
-    def request_for(user: Any) -> Request:
-        h = hist.get(user)
-        if h is None:
-            return Request(user_id=user, k=k_max)
-        items, stamps, span = h
-        items, stamps = items[-max_hist:], stamps[-max_hist:]
-        types = None
-        if span is not None and train.event_types is not None:
-            s, e = span
-            types = tuple(type_names[train.event_types[s:e][-max_hist:]].tolist())
-        return Request(
-            user_id=user,
-            history=tuple(items.tolist()),
-            history_timestamps=tuple(stamps.tolist()),
-            history_event_types=types,
-            k=k_max,
-        )
-
-    def one(i: int) -> tuple[dict[str, Any], dict[str, float]]:
-        req = request_for(split.users[i].item())
-        excl = Exclusions(req.exclude, req.history if config.blend.exclude_seen else ())
-        per: dict[str, Any] = {}
-        lat: dict[str, float] = {}
-        for src in retriever.sources:
-            t = time.perf_counter()
-            try:
-                if src.missing(req) is not None:
-                    raise SkipSource("needs unmet")
-                ids, _ = src.retrieve(req, k_max + len(excl), Deadline.in_ms(1000.0))
-                ids = np.asarray(ids)
-                ids = ids[excl.mask(ids)][:k_max]
-            except SkipSource:
-                ids = np.empty(0, dtype=np.int64)
-            lat[src.name] = (time.perf_counter() - t) * 1000
-            per[src.name] = ids
-        if with_blend:
-            t = time.perf_counter()
-            per[_BLEND] = retriever.blend(req).item_ids
-            lat[_BLEND] = (time.perf_counter() - t) * 1000
-        return per, lat
-
-    n = len(split.users)
-    outs: list[tuple[dict[str, Any], dict[str, float]]] = [({}, {})] * n
-    with (
-        ThreadPoolExecutor(max_workers=workers) as pool,
-        tqdm(total=n, desc="eval users", unit="user", disable=not show) as bar,
-    ):
-        for start in range(0, n, 256):
-            batch = range(start, min(start + 256, n))
-            for i, res in zip(batch, pool.map(one, batch), strict=True):
-                outs[i] = res
-            bar.update(len(batch))
+    With ``workers > 1`` and a config that came from a file, users are scored in that many
+    processes, each with its own retriever over the same memory-mapped artifacts: threads alone
+    would keep most of the Python work on one core.
+    """
+    cfg = config.model_copy(update={"artifacts": artifacts, "k": k_max})
+    requests = _requests(split, cfg.store.history_len, k_max)
+    n = len(requests)
+    batches = [requests[i : i + 128] for i in range(0, n, 128)]
+    outs: list[tuple[dict[str, Any], dict[str, float]]] = []
+    origin = Path(config.origin)
+    parallel = workers > 1 and origin.is_file() and n >= 2 * 128
+    with tqdm(total=n, desc="eval users", unit="user", disable=not show) as bar:
+        if parallel:
+            ctx = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(
+                workers, ctx, _init_worker, (str(origin), str(artifacts), k_max, with_blend)
+            ) as pool:
+                for done in pool.map(_score_batch, batches):
+                    outs.extend(done)
+                    bar.update(len(done))
+        else:
+            with Retriever(cfg) as retriever:
+                scorer = _Scorer(retriever, cfg, k_max, with_blend)
+                for batch in batches:
+                    outs.extend(scorer.one(r) for r in batch)
+                    bar.update(len(batch))
+    names = [sc.name for sc in cfg.sources]
     empty = np.empty(0, dtype=np.float64)
     return Runs(
         lists={name: [o[0][name] for o in outs] for name in names},
@@ -377,6 +346,82 @@ def collect(
         blend=[o[0].get(_BLEND, empty) for o in outs],
         blend_latency_ms=np.array([o[1].get(_BLEND, 0.0) for o in outs]),
     )
+
+
+def _requests(split: Split, history_len: int, k_max: int) -> list[Request]:
+    """Each test user's request: their last pre-cutoff events as history."""
+    train = split.train
+    hist = _histories(train)
+    type_names = np.asarray(train.event_type_names or ("",), dtype=object)
+    max_hist = max(history_len, 1)
+    out = []
+    for user in split.users.tolist():
+        h = hist.get(user)
+        if h is None:
+            out.append(Request(user_id=user, k=k_max))
+            continue
+        items, stamps, (s, e) = h
+        types = None
+        if train.event_types is not None:
+            types = tuple(type_names[train.event_types[s:e][-max_hist:]].tolist())
+        out.append(
+            Request(
+                user_id=user,
+                history=tuple(items[-max_hist:].tolist()),
+                history_timestamps=tuple(stamps[-max_hist:].tolist()),
+                history_event_types=types,
+                k=k_max,
+            )
+        )
+    return out
+
+
+class _Scorer:
+    """Asks each source alone (with the blend's exclusions) and the blend, timing each."""
+
+    def __init__(
+        self, retriever: Retriever, config: RetrievalConfig, k_max: int, with_blend: bool
+    ) -> None:
+        self.retriever = retriever
+        self.exclude_seen = config.blend.exclude_seen
+        self.k_max = k_max
+        self.with_blend = with_blend
+
+    def one(self, req: Request) -> tuple[dict[str, Any], dict[str, float]]:
+        excl = Exclusions(req.exclude, req.history if self.exclude_seen else ())
+        per: dict[str, Any] = {}
+        lat: dict[str, float] = {}
+        for src in self.retriever.sources:
+            t = time.perf_counter()
+            try:
+                if src.missing(req) is not None:
+                    raise SkipSource("needs unmet")
+                ids, _ = src.retrieve(req, self.k_max + len(excl), Deadline.in_ms(1000.0))
+                ids = np.asarray(ids)
+                ids = ids[excl.mask(ids)][: self.k_max]
+            except SkipSource:
+                ids = np.empty(0, dtype=np.int64)
+            lat[src.name] = (time.perf_counter() - t) * 1000
+            per[src.name] = ids
+        if self.with_blend:
+            t = time.perf_counter()
+            per[_BLEND] = self.retriever.blend(req).item_ids
+            lat[_BLEND] = (time.perf_counter() - t) * 1000
+        return per, lat
+
+
+_worker: _Scorer | None = None
+
+
+def _init_worker(config_path: str, artifacts: str, k_max: int, with_blend: bool) -> None:
+    global _worker
+    cfg = load_config(config_path).model_copy(update={"artifacts": Path(artifacts), "k": k_max})
+    _worker = _Scorer(Retriever(cfg), cfg, k_max, with_blend)
+
+
+def _score_batch(batch: list[Request]) -> list[tuple[dict[str, Any], dict[str, float]]]:
+    assert _worker is not None, "worker not initialised"
+    return [_worker.one(r) for r in batch]
 
 
 _BLEND = "__blend__"

@@ -149,3 +149,24 @@ def test_cli_eval_json(files, tmp_path, capsys):
     assert "unique_hits@1" in data["sources"]["fixed"]
     assert "BLEND" in capsys.readouterr().out
     assert main(["eval", str(cfg_path), "--events", str(log), "--split-time", "5"]) == 2
+
+
+def test_two_processes_give_the_same_metrics_as_one(tmp_path):
+    from retrieval.synth import synthesize
+
+    log = tmp_path / "log.parquet"
+    synthesize(log, n_items=1500, n_users=1200, n_events=24000, seed=5)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        "k: 50\nblend: {exclude_seen: false}\nsources:\n"
+        "  - {name: covisit, kind: covisitation}\n  - {name: popular, kind: popularity}\n"
+    )
+    config = load_config(cfg)
+    split, path = load_for_eval(config, log, None, None, None, 0.2, 400)
+    assert len(split.users) >= 256  # large enough for the process pool
+    one = evaluate(config, split, path, [10, 50], workers=1, progress=False, calibrate_blend=False)
+    two = evaluate(config, split, path, [10, 50], workers=2, progress=False, calibrate_blend=False)
+    for name in ("covisit", "popular"):
+        for key in ("recall@50", "recall_new@10", "hitrate@50", "unique_hits@50"):
+            assert one.sources[name][key] == two.sources[name][key], (name, key)
+    assert one.blend["recall@50"] == two.blend["recall@50"]
