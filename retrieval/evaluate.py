@@ -240,6 +240,10 @@ def evaluate(
     report.blend = metrics(runs.blend, split, seen, ks)
     report.blend.update(_latency(runs.blend_latency_ms))
     report.blend["coverage"] = _coverage(runs.blend, n_items)
+    with_blend = {**runs.lists, _BLEND: runs.blend}
+    for k in ks:
+        # Hits of the blend that no source had in its own top k (backfill, deeper ranks).
+        report.blend[f"unique_hits@{k}"] = float(_unique_hits(with_blend, _BLEND, split, k))
     weights = {sc.name: sc for sc in cfg.sources}
     round_robin = [
         _offline_merge(runs.lists, names, i, ks[-1], "quota", weights, None)

@@ -146,6 +146,8 @@ def test_cli_eval_json(files, tmp_path, capsys):
     assert data["k"] == [1, 3] and data["users"] == 3
     assert set(data["sources"]) == {"fixed", "other"}
     assert "recall@3" in data["blend"] and "coverage" in data["blend"]
+    assert set(data["sources"]["fixed"]) >= {"recall@3", "recall_new@3", "hitrate@3", "p50_ms"}
+    assert "unique_hits@3" in data["blend"]
     assert "unique_hits@1" in data["sources"]["fixed"]
     assert "BLEND" in capsys.readouterr().out
     assert main(["eval", str(cfg_path), "--events", str(log), "--split-time", "5"]) == 2
