@@ -133,8 +133,10 @@ class Blender:
 
     # -- the public face -------------------------------------------------------------------
 
-    def blend(self, request: Request) -> CandidateSet:
-        started = time.monotonic()
+    def blend(self, request: Request, started: float | None = None) -> CandidateSet:
+        """``started`` (monotonic) is when the caller's clock began: time it already spent,
+        e.g. reading the store, comes out of this request's deadline."""
+        started = time.monotonic() if started is None else started
         calls, k_ask, excl, k = self._start(request, started)
         pending = [c for c in calls if c.future is not None]
         arrived = threading.Event()
@@ -150,8 +152,8 @@ class Blender:
             arrived.clear()
         return self._finish(request, calls, k_ask, excl, k, started)
 
-    async def ablend(self, request: Request) -> CandidateSet:
-        started = time.monotonic()
+    async def ablend(self, request: Request, started: float | None = None) -> CandidateSet:
+        started = time.monotonic() if started is None else started
         calls, k_ask, excl, k = self._start(request, started)
         pending = {asyncio.wrap_future(c.future): c for c in calls if c.future is not None}
         while pending:

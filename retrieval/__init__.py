@@ -12,7 +12,7 @@ if _typing.TYPE_CHECKING:
     from blender.fanout import RequiredSourceError
     from retrieval.config import ConfigError, RetrievalConfig, load_config
     from retrieval.retriever import Retriever, blend
-    from retrieval.store import Event, MemoryStore, Store
+    from retrieval.store import Event, MemoryStore, Store, StoreUnavailable
     from retrieval.types import (
         Candidate,
         CandidateSet,
@@ -44,6 +44,7 @@ _EXPORTS: dict[str, str] = {
     "SourceReport": "retrieval.types",
     "SourceStatus": "retrieval.types",
     "Store": "retrieval.store",
+    "StoreUnavailable": "retrieval.store",
     "blend": "retrieval.retriever",
     "load_config": "retrieval.config",
     "register": "sources.base",
@@ -68,6 +69,7 @@ __all__ = [
     "SourceReport",
     "SourceStatus",
     "Store",
+    "StoreUnavailable",
     "__version__",
     "blend",
     "load_config",

@@ -32,6 +32,7 @@ __all__ = [
 ]
 
 IDENTIFIER = r"^[a-z][a-z0-9_]{0,62}$"
+REDIS_URL_ENV = "RETRIEVAL_REDIS_URL"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
@@ -69,10 +70,18 @@ class BreakerConfig(_Model):
 
 
 class StoreConfig(_Model):
+    """The online store. ``url`` is overridden by ``$RETRIEVAL_REDIS_URL`` when that is set."""
+
     kind: Literal["memory", "redis"] = "memory"
     history_len: int = Field(200, ge=0, le=100_000)
+    history_ttl_s: float | None = Field(None, gt=0)
+    half_life_s: float = Field(86_400.0, gt=0)  # decay of the live popularity counters
     url: str | None = None
     prefix: str = Field("cr", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
+    socket_timeout_ms: float = Field(100.0, gt=0, le=60_000)  # writes; reads use the deadline
+    read_reserve_ms: float = Field(10.0, ge=0)  # kept for the sources when the store is slow
+    buffer_events: int = Field(0, ge=0, le=10_000_000)  # 0: record() raises when Redis is down
+    cache_ttl_s: float = Field(0.0, ge=0)  # result cache; 0 = off
 
 
 class EventsConfig(_Model):
@@ -150,9 +159,13 @@ class RetrievalConfig(_Model):
             kind = type(data).__name__ if data is not None else "an empty document"
             raise ConfigError(origin, [("", f"expected a mapping at the top level, got {kind}")])
         problems: list[tuple[str, str]] = []
-        data = _substitute_env(data, environ if environ is not None else os.environ, "", problems)
+        environ = environ if environ is not None else os.environ
+        data = _substitute_env(data, environ, "", problems)
         if problems:
             raise ConfigError(origin, problems)
+        store = data.get("store")
+        if environ.get(REDIS_URL_ENV) and isinstance(store, dict) and store.get("kind") == "redis":
+            data = {**data, "store": {**store, "url": environ[REDIS_URL_ENV]}}
         try:
             config = cls.model_validate(data)
         except ValidationError as exc:
@@ -333,5 +346,10 @@ def _cross_checks(config: RetrievalConfig) -> list[tuple[str, str]]:
             )
         )
     if config.store.kind == "redis" and not config.store.url:
-        problems.append(("store.url", "required when store.kind is redis (e.g. ${REDIS_URL})"))
+        problems.append(
+            (
+                "store.url",
+                f"required when store.kind is redis (e.g. ${{REDIS_URL}}, or set {REDIS_URL_ENV})",
+            )
+        )
     return problems

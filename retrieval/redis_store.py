@@ -9,6 +9,8 @@ Key layout (``p`` is the ``prefix``; every key lives under ``{p}:``)::
                                  ``segment`` is ``country=de`` or ``_global`` for ``None``
     {p}:popm:e{era}:{segment}    marker: this era's set has absorbed the previous era's (SET NX)
     {p}:cache:{key}              bytes of a cached blend result (SET PX)
+    {p}:nb:current:{source}      the version of ``source``'s pushed lists that readers use
+    {p}:nb:{version}:{source}:{item}   one packed row (``retrieval.rows``) per item or segment
 
 Decay without rescans: an event adds ``w * 2**((t - t_era) / half_life_s)`` with ZINCRBY, so the
 set is always ranked by decayed weight and ``popular()`` scales scores to now with one factor. A
@@ -36,19 +38,17 @@ import json
 import json.scanner
 import logging
 import math
-import re
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
 
 import redis
 from redis.exceptions import RedisError, ResponseError
 
-from retrieval.store import Event
+from retrieval.rows import Row, RowFormatError, unpack_row
+from retrieval.store import Event, StoreRead, StoreUnavailable, _secrets_of, redact
 from retrieval.types import ItemId, UserId
 
 __all__ = ["ERA_HALF_LIVES", "T0", "RedisStore", "StoreRead", "StoreUnavailable", "redact"]
@@ -75,54 +75,21 @@ return 0
 """
 
 
-class StoreUnavailable(RuntimeError):
-    """Redis could not take a write: raised instead of losing events silently."""
-
-
-def redact(url: str) -> str:
-    """``url`` with any password (userinfo or ``?password=``) replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable redis url>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user, sep, _ = userinfo.partition(":")
-        # A lone userinfo may be a bare token (redis://TOKEN@host): hide it too.
-        netloc = f"{user}:***@{host}" if sep else f"***@{host}"
-    query = re.sub(r"(?i)((?:^|&)password=)[^&]*", r"\1***", parts.query)
-    out = f"{parts.scheme}://{netloc}{parts.path}"
-    return f"{out}?{query}" if query else out
-
-
-def _secrets_of(url: str) -> list[str]:
-    """Every spelling of the secrets in ``url``, to scrub them from third-party messages."""
-    found: list[str] = []
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return [url]
-    if "@" in parts.netloc:
-        userinfo = parts.netloc.rsplit("@", 1)[0]
-        found.append(userinfo.partition(":")[2] or userinfo)
-    found += re.findall(r"(?i)(?:^|&)password=([^&]*)", parts.query)
-    out: list[str] = []
-    for s in found:
-        if s:
-            out += [s, unquote(s), quote(unquote(s), safe="")]
-    return sorted({s for s in out if s}, key=len, reverse=True)
-
-
-@dataclass(frozen=True, slots=True)
-class StoreRead:
-    """One hot-path read: the user's history (oldest first) and the popular list per segment."""
-
-    items: list[ItemId] = field(default_factory=list)
-    timestamps: list[float] = field(default_factory=list)
-    event_types: list[str] = field(default_factory=list)
-    popular: dict[str | None, tuple[list[ItemId], list[float]]] = field(default_factory=dict)
-    ok: bool = True
+# KEYS: the current-version key. ARGV: row key head, ":{source}:", then the items. Atomic, so a
+# push switching versions while this runs is seen entirely before or entirely after.
+_ROWS = """
+local v = redis.call('GET', KEYS[1])
+if not v then return {false} end
+local head = ARGV[1] .. v .. ARGV[2]
+local out = {v}
+for i = 3, #ARGV, 256 do
+  local keys = {}
+  for j = i, math.min(i + 255, #ARGV) do keys[#keys + 1] = head .. ARGV[j] end
+  local rows = redis.call('MGET', unpack(keys))
+  for j = 1, #keys do out[#out + 1] = rows[j] end
+end
+return out
+"""
 
 
 class _Unsent(Exception):
@@ -203,6 +170,7 @@ class RedisStore:
         self.socket_timeout_ms = float(socket_timeout_ms)
         self.dropped = 0  # buffered events lost to overflow
         self.uncertain = 0  # events in batches whose replies were lost (maybe applied, not resent)
+        self.failures = 0  # failed or unreadable round trips so far: a blend compares before/after
         self._secrets = _secrets_of(url)
         scheme = url.split("://", 1)[0].lower()
         conn_class = {"rediss": _SSLConnection, "unix": _UnixConnection}.get(scheme, _Connection)
@@ -278,6 +246,7 @@ class RedisStore:
     def _degrade(self, what: str, exc: BaseException | str) -> None:
         detail = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
         reason = self._scrub(f"{what}: {detail}")
+        self.failures += 1
         if self._failure is None:
             logger.warning("redis store %s degraded: %s", self.url, reason)
         self._failure = reason
@@ -624,6 +593,59 @@ class RedisStore:
             else:
                 problems.append(f"popular {segment} member: {item!r:.100} {raw!r:.40}")
         return ids, scores
+
+    # -- pushed lists ---------------------------------------------------------------------
+
+    def neighbour_rows(
+        self, source: str, items: Sequence[str], *, timeout_ms: float | None = None
+    ) -> list[Row | None] | None:
+        """The pushed rows of ``items`` for ``source`` (None for an item without one), all of
+        one version, in one round trip; None (and degraded) when Redis fails, nothing was pushed
+        for ``source``, or the budget is spent. A malformed row is skipped (also degraded)."""
+        budget_ms = self.socket_timeout_ms if timeout_ms is None else timeout_ms
+        if budget_ms <= 0:
+            return None
+        if not items:
+            return []
+        cmd = (
+            "EVAL",
+            _ROWS,
+            1,
+            f"{self.prefix}:nb:current:{source}",
+            f"{self.prefix}:nb:",
+            f":{source}:",
+            *items,
+        )
+        try:
+            (reply,) = self._roundtrip([cmd], budget_ms / 1000.0)
+        except (_Unsent, _Uncertain) as exc:
+            self._degrade("rows read", str(exc))
+            return None
+        if isinstance(reply, ResponseError) or not isinstance(reply, list):
+            self._degrade("rows read", f"{source}: {reply!r:.200}")
+            return None
+        if not reply or reply[0] is None:
+            self._degrade("rows read", f"nothing pushed for {source!r}: run `retrieval push`")
+            return None
+        if len(reply) != len(items) + 1:
+            self._degrade("rows read", f"{source}: {len(reply) - 1} rows for {len(items)} items")
+            return None
+        rows: list[Row | None] = []
+        problems: list[str] = []
+        for item, raw in zip(items, reply[1:], strict=True):
+            if raw is None:
+                rows.append(None)  # an item with no neighbours, or unknown to the build
+                continue
+            try:
+                rows.append(unpack_row(raw))
+            except RowFormatError as exc:
+                problems.append(f"{source} row {item!r:.60}: {exc}")
+                rows.append(None)
+        if problems:
+            self._degrade("rows read", f"{problems[0]} ({len(problems)} problems)")
+        else:
+            self._recover()
+        return rows
 
     # -- result cache ---------------------------------------------------------------------
 

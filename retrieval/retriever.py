@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
+import hashlib
+import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -20,12 +24,15 @@ from blender.fanout import Blender, SourceSlot
 from blender.filters import load_blocklist
 from retrieval.artifacts import check_source, open_artifacts, params_hash
 from retrieval.build import build_params_hash_input
+from retrieval.cache import CacheFormatError, cache_key, decode_result, encode_result
 from retrieval.config import ConfigError, RetrievalConfig, load_config
 from retrieval.store import Event, MemoryStore, Store
-from retrieval.types import CandidateSet, Deadline, ItemId, Request, UserId
-from sources.base import Need, Source, SourceContext
+from retrieval.types import CandidateSet, Deadline, ItemId, Request, SourceStatus, UserId
+from sources.base import Need, Source, SourceContext, SourceParams
 
 __all__ = ["Retriever", "blend"]
+
+logger = logging.getLogger(__name__)
 
 
 class Retriever:
@@ -39,8 +46,16 @@ class Retriever:
         self.store: Store = store if store is not None else _make_store(config)
         artifacts = config.resolve_path(config.artifacts) if config.artifacts else None
         _check_needs(config, artifacts)
+        manifest_stamp = ""
         if artifacts is not None:
-            _check_artifacts(config, artifacts)
+            manifest_stamp = _check_artifacts(config, artifacts)
+        # The result cache's version: a new build or a config change never serves old results.
+        config_json = config.model_dump_json(exclude={"store": {"url"}})
+        self._version = hashlib.blake2b(
+            f"{manifest_stamp}|{config_json}".encode(), digest_size=8
+        ).hexdigest()
+        self._cache_ttl_s = config.store.cache_ttl_s
+        self._remote_rows = any(_backend(sc.resolved_params) == "redis" for sc in config.sources)
         context = SourceContext(artifacts=artifacts, store=self.store, config_dir=config.base_dir)
         self.sources: list[Source] = []
         try:
@@ -114,31 +129,165 @@ class Retriever:
         deadline_ms: float | None = None,
         vector: npt.ArrayLike | None = None,
     ) -> Request:
-        """The request ``blend`` will serve: the store fills in history the caller left out."""
-        if request is None:
-            request = Request(
-                user_id=user_id,
-                history=tuple(history or ()),
-                seed_items=tuple(seed_items),
-                context=dict(context or {}),
-                exclude=frozenset(exclude),
-                k=k,
-                deadline_ms=deadline_ms,
-                vector=None if vector is None else np.asarray(vector, dtype=np.float32),
+        """The request ``blend`` will serve: the store fills in history the caller left out,
+        and the live popular lists the sources will read."""
+        request = self._request(
+            request, user_id, history, seed_items, context, exclude, k, deadline_ms, vector
+        )
+        return self._prepare(request, time.monotonic())[0]
+
+    def _request(
+        self,
+        request: Request | None,
+        user_id: UserId | None = None,
+        history: Sequence[ItemId] | None = None,
+        seed_items: Sequence[ItemId] = (),
+        context: Mapping[str, str] | None = None,
+        exclude: Iterable[ItemId] = (),
+        k: int | None = None,
+        deadline_ms: float | None = None,
+        vector: npt.ArrayLike | None = None,
+    ) -> Request:
+        if request is not None:
+            return request
+        return Request(
+            user_id=user_id,
+            history=tuple(history or ()),
+            seed_items=tuple(seed_items),
+            context=dict(context or {}),
+            exclude=frozenset(exclude),
+            k=k,
+            deadline_ms=deadline_ms,
+            vector=None if vector is None else np.asarray(vector, dtype=np.float32),
+        )
+
+    def _prepare(self, request: Request, started: float) -> tuple[Request, bool]:
+        """All the store reads this blend needs, in ONE ``fetch`` bounded by the time left
+        before the deadline minus a reserve for the sources; never raises. Returns the filled
+        request and whether the read succeeded."""
+        store_cfg = self.config.store
+        want_history = request.user_id is not None and not request.history
+        want_history = want_history and store_cfg.history_len > 0
+        k = request.k or self.config.k
+        segments: dict[str | None, None] = {}
+        depth = 0
+        for src in self.sources:
+            segs, n = src.live_popular(request, k + len(request.exclude))
+            if n > 0:
+                segments.update(dict.fromkeys(segs))
+                depth = max(depth, n)
+        if not want_history and not segments:
+            return request, True
+        try:
+            read = self.store.fetch(
+                request.user_id if want_history else None,
+                list(segments),
+                popular_limit=depth if segments else 0,
+                timeout_ms=self._read_budget_ms(request, started),
             )
-        if request.user_id is not None and not request.history and self.config.store.history_len:
-            items, stamps, types = self.store.history(request.user_id)
-            if items:
-                request = _replace_history(request, items, stamps, types)
-        return request
+        except Exception:  # a custom store's bug must not fail the blend either
+            logger.warning("store fetch failed; blending without it", exc_info=True)
+            return dataclasses.replace(request, live_popular={}), False
+        changes: dict[str, Any] = {"live_popular": read.popular}
+        if read.items:
+            changes.update(
+                history=tuple(read.items),
+                history_timestamps=tuple(read.timestamps),
+                history_event_types=tuple(read.event_types),
+            )
+        return dataclasses.replace(request, **changes), read.ok
+
+    def _read_budget_ms(self, request: Request, started: float) -> float:
+        """A store read may use the time left before the deadline minus a reserve for the
+        sources (at most half of what is left), and never more than the socket timeout."""
+        sc = self.config.store
+        left_ms = (request.deadline_ms or self.config.deadline_ms) - (
+            time.monotonic() - started
+        ) * 1000.0
+        return min(sc.socket_timeout_ms, left_ms - min(sc.read_reserve_ms, left_ms / 2))
 
     def blend(self, request: Request | None = None, **kwargs: Any) -> CandidateSet:
-        """Up to k deduplicated candidates within the deadline, whatever the sources do."""
-        return self._blender.blend(self.request(request, **kwargs))
+        """Up to k deduplicated candidates within the deadline, whatever the sources and the
+        store do."""
+        started = time.monotonic()
+        failures = self._store_failures()
+        request, ok = self._prepare(self._request(request, **kwargs), started)
+        key = self._cache_key(request)
+        if key is not None:
+            hit = self._cache_get(key, request, started)
+            if hit is not None:
+                return self._finish(hit, ok, started)
+        result = self._blender.blend(request, started)
+        ok = ok and self._store_failures() == failures
+        result = self._finish(result, ok, started)
+        if key is not None:
+            self._cache_put(key, result)
+        return result
 
     async def ablend(self, request: Request | None = None, **kwargs: Any) -> CandidateSet:
-        """The asyncio twin of ``blend``: waits on the sources without blocking the loop."""
-        return await self._blender.ablend(self.request(request, **kwargs))
+        """The asyncio twin of ``blend``: the store read and the sources run on the pool, so
+        the loop is never blocked."""
+        started = time.monotonic()
+        failures = self._store_failures()
+        req = self._request(request, **kwargs)
+        request, ok = await asyncio.wrap_future(self._blender.submit(self._prepare, req, started))
+        key = self._cache_key(request)
+        if key is not None:
+            hit = await asyncio.wrap_future(
+                self._blender.submit(self._cache_get, key, request, started)
+            )
+            if hit is not None:
+                return self._finish(hit, ok, started)
+        result = await self._blender.ablend(request, started)
+        ok = ok and self._store_failures() == failures
+        result = self._finish(result, ok, started)
+        if key is not None:
+            self._cache_put(key, result)
+        return result
+
+    def _store_failures(self) -> int:
+        """The store's count of failed reads: sources reading pushed rows run on other threads,
+        so a blend compares it before and after (another request's failure in the meantime can
+        mark this one degraded too; a failure of its own is never missed)."""
+        return int(getattr(self.store, "failures", 0)) if self._remote_rows else 0
+
+    def _finish(self, result: CandidateSet, read_ok: bool, started: float) -> CandidateSet:
+        result.store_status = "ok" if read_ok else "degraded"
+        result.elapsed_ms = (time.monotonic() - started) * 1000.0
+        return result
+
+    # -- result cache ----------------------------------------------------------------------
+
+    def _cache_key(self, request: Request) -> str | None:
+        if self._cache_ttl_s <= 0:
+            return None
+        return cache_key(request, request.k or self.config.k, self._version)
+
+    def _cache_get(self, key: str, request: Request, started: float) -> CandidateSet | None:
+        blob = self.store.cache_get(key, timeout_ms=self._read_budget_ms(request, started))
+        if blob is None:
+            return None
+        try:
+            hit = decode_result(blob)
+        except CacheFormatError as exc:
+            logger.debug("unreadable cached result %s: %s", key, exc)
+            return None
+        if hit.source_names != self._blender.names:
+            return None
+        hit.cache_hit = True
+        return hit
+
+    def _cache_put(self, key: str, result: CandidateSet) -> None:
+        """Cache complete answers only, written off the request path (on the pool)."""
+        if result.store_status != "ok":
+            return
+        if any(r.status not in (SourceStatus.OK, SourceStatus.SKIPPED) for r in result.reports):
+            return
+        blob = encode_result(result)
+        ttl = self._cache_ttl_s
+        timeout = self.config.store.socket_timeout_ms
+        with contextlib.suppress(RuntimeError):  # the pool is closing
+            self._blender.submit(lambda: self.store.cache_set(key, blob, ttl, timeout_ms=timeout))
 
     def record(
         self,
@@ -179,11 +328,41 @@ class Retriever:
 
 
 def _make_store(config: RetrievalConfig) -> Store:
-    if config.store.kind == "memory":
-        return MemoryStore(history_len=config.store.history_len)
-    raise ConfigError(
-        config.origin, [("store.kind", "redis is not available in this version; use memory")]
-    )
+    sc = config.store
+    if sc.kind == "memory":
+        return MemoryStore(
+            history_len=sc.history_len, half_life_s=sc.half_life_s, history_ttl_s=sc.history_ttl_s
+        )
+    try:
+        from retrieval.redis_store import RedisStore
+    except ImportError as exc:
+        raise ConfigError(
+            config.origin,
+            [
+                (
+                    "store.kind",
+                    f"redis needs the redis client ({exc.name} is missing): "
+                    "pip install 'candidate-retrieval[redis]'",
+                )
+            ],
+        ) from None
+    assert sc.url is not None  # the config check guarantees it
+    try:
+        return RedisStore(
+            sc.url,
+            prefix=sc.prefix,
+            history_len=sc.history_len,
+            history_ttl_s=sc.history_ttl_s,
+            half_life_s=sc.half_life_s,
+            socket_timeout_ms=sc.socket_timeout_ms,
+            buffer_events=sc.buffer_events,
+        )
+    except ValueError as exc:  # a malformed URL; the message is already redacted
+        raise ConfigError(config.origin, [("store.url", str(exc))]) from None
+
+
+def _backend(params: SourceParams) -> str:
+    return str(getattr(params, "backend", "local"))
 
 
 def _check_needs(config: RetrievalConfig, artifacts: Path | None) -> None:
@@ -191,6 +370,13 @@ def _check_needs(config: RetrievalConfig, artifacts: Path | None) -> None:
     problems = []
     for i, sc in enumerate(config.sources):
         needs = sc.source_class.needs
+        remote = _backend(sc.resolved_params) == "redis"
+        if remote and config.store.kind != "redis":
+            problems.append(
+                (f"sources[{i}].params.backend", "redis needs store.kind: redis (and its url)")
+            )
+        elif remote:
+            continue
         if (Need.ARTIFACTS in needs or sc.source_class.learns()) and artifacts is None:
             problems.append(
                 (
@@ -219,11 +405,18 @@ def _load_curves(
     return {n: calibration.curves[n].dense(depth) for n in names}
 
 
-def _check_artifacts(config: RetrievalConfig, artifacts: Path) -> None:
-    """Refuse a build of another format or made for other params, before touching its files."""
-    learning = [sc for sc in config.sources if sc.source_class.learns()]
+def _check_artifacts(config: RetrievalConfig, artifacts: Path) -> str:
+    """Refuse a build of another format or made for other params, before touching its files.
+
+    Returns the build's ``created_at`` (empty when nothing local is served), which versions
+    the result cache."""
+    learning = [
+        sc
+        for sc in config.sources
+        if sc.source_class.learns() and _backend(sc.resolved_params) != "redis"
+    ]
     if not learning:
-        return
+        return ""
     manifest = open_artifacts(artifacts)
     for sc in learning:
         check_source(
@@ -232,23 +425,7 @@ def _check_artifacts(config: RetrievalConfig, artifacts: Path) -> None:
             sc.kind,
             params_hash(sc.kind, build_params_hash_input(sc.resolved_params)),
         )
-
-
-def _replace_history(
-    request: Request, items: list[ItemId], stamps: list[float], types: list[str]
-) -> Request:
-    return Request(
-        user_id=request.user_id,
-        history=tuple(items),
-        history_timestamps=tuple(stamps),
-        history_event_types=tuple(types),
-        seed_items=request.seed_items,
-        context=request.context,
-        exclude=request.exclude,
-        k=request.k,
-        deadline_ms=request.deadline_ms,
-        vector=request.vector,
-    )
+    return manifest.created_at
 
 
 _cache_lock = threading.Lock()

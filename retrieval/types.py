@@ -65,6 +65,9 @@ class Request:
     k: int | None = None
     deadline_ms: float | None = None
     vector: npt.NDArray[np.float32] | None = None
+    live_popular: Mapping[str | None, tuple[Sequence[ItemId], Sequence[float]]] | None = None
+    """Live popular lists by segment key (``None`` = global, ``"country=de"``), read by the
+    retriever in its one store round trip; ``None`` when the store was not read."""
 
     def __post_init__(self) -> None:
         n = len(self.history)

@@ -109,6 +109,12 @@ class Source(ABC):
     def retrieve(self, request: Request, k: int, deadline: Deadline) -> Ranked:
         """Up to ``k`` ranked candidates for ``request``."""
 
+    def live_popular(self, request: Request, k: int) -> tuple[Sequence[str | None], int]:
+        """The live popular lists (segment keys) and how many items of each this source will
+        read from ``request.live_popular``: the retriever fetches them all in its one store
+        round trip, so no source reads the store on the hot path."""
+        return (), 0
+
     def missing(self, request: Request) -> str | None:
         """Why this request cannot be served by this source, or None when it can."""
         if Need.USER_ID in self.needs and request.user_id is None:

@@ -6,14 +6,15 @@ a recent window and a longer baseline (``mode: trending``). The top ``top_n`` it
 list as one CSR: row 0 is the global list, then one row per value of each segment column.
 
 Online, serving is a slice of one row, so this source stays fast and never fails for an unknown
-user. With a store, live counts recorded since the build are folded in.
+user. Live counts recorded since the build are folded in from ``request.live_popular``, which the
+retriever fills in its one store round trip: this source never reads the store itself.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -35,7 +36,6 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 _DAY_S = 86_400.0
 _DENSE_KEYS_LIMIT = 1 << 25  # a bincount of this many float64 slots is 256 MB: beyond, np.unique
-_LIVE_MIN_MS = 1.0  # below this much time left, skip the store round-trip and serve the build
 
 DEFAULT_EVENT_WEIGHTS: dict[str, float] = {"click": 1.0, "cart": 3.0, "order": 6.0}
 
@@ -50,6 +50,9 @@ class PopularityParams(SourceParams):
     trending_smoothing: float = Field(5.0, gt=0)
     top_n: int = Field(10_000, ge=1)
     live_weight: float = Field(1.0, ge=0)
+    live_top: int = Field(100, ge=0)
+
+    serving_params = frozenset({"live_top"})  # live_weight stays hashed: older builds match
 
 
 def event_weight_vector(
@@ -129,9 +132,9 @@ class PopularitySource(Source):
     value is in ``request.context`` and was seen at build time, else the global list.
 
     A segment list shorter than ``k`` is backfilled from the global list (scored below it), and
-    live counts from ``context.store`` (``store.popular("<segment>=<value>" or None, k)``) are
-    added with ``live_weight``. In ``trending`` mode build scores are ratios, not counts: lower
-    ``live_weight`` accordingly.
+    the top ``live_top`` live counts of that list's key (``"<segment>=<value>"`` or ``None``) in
+    ``request.live_popular`` are added with ``live_weight``. In ``trending`` mode build scores are
+    ratios, not counts: lower ``live_weight`` accordingly.
     """
 
     kind = "popularity"
@@ -164,7 +167,6 @@ class PopularitySource(Source):
             seg: {str(v): int(r) for v, r in values.items()} for seg, values in segments.items()
         }
         self.meta = meta
-        self._live_failed = False
 
     def _pick_row(self, context: Mapping[str, str]) -> tuple[int, str | None]:
         for seg in self.p.segments:
@@ -181,32 +183,34 @@ class PopularitySource(Source):
         b = min(b, a + n)
         return np.asarray(self.csr.indices[a:b]), np.asarray(self.csr.scores[a:b])
 
+    def live_popular(self, request: Request, k: int) -> tuple[Sequence[str | None], int]:
+        if self.p.live_weight == 0 or self.p.live_top == 0:
+            return (), 0
+        return (self._pick_row(request.context)[1],), min(k, self.p.live_top)
+
     def _live(
-        self, key: str | None, limit: int
+        self, request: Request, key: str | None, k: int
     ) -> tuple[npt.NDArray[Any], npt.NDArray[np.float64]]:
-        store = self.context.store
+        """The prefetched live list for ``key``: empty when the store was not (or could not be)
+        read, so a store outage serves the build."""
         empty = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64))
-        if store is None or self.p.live_weight == 0:
+        if request.live_popular is None or self.p.live_weight == 0:
+            return empty
+        ids, scores = request.live_popular.get(key) or ((), ())
+        n = min(k, self.p.live_top, len(ids), len(scores))
+        if n == 0:
             return empty
         try:
-            ids, scores = store.popular(key, limit)
-        except Exception:  # the fallback must not fail because the store did
-            if not self._live_failed:
-                logger.warning(
-                    "%s: store.popular failed; serving build counts", self.name, exc_info=True
-                )
-                self._live_failed = True
+            return as_id_array(list(ids[:n])), np.asarray(
+                scores[:n], dtype=np.float64
+            ) * self.p.live_weight
+        except (TypeError, ValueError):
+            logger.debug("%s: unusable live list for %r; serving build counts", self.name, key)
             return empty
-        if not ids:
-            return empty
-        return as_id_array(ids), np.asarray(scores, dtype=np.float64) * self.p.live_weight
 
     def retrieve(self, request: Request, k: int, deadline: Deadline) -> Ranked:
         row, key = self._pick_row(request.context)
-        if deadline.remaining_ms() > _LIVE_MIN_MS:
-            live_ids, live_scores = self._live(key, k)
-        else:
-            live_ids, live_scores = np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64)
+        live_ids, live_scores = self._live(request, key, k)
         n = k + live_ids.size
         dense, scores = self._slice(row, n)
         if row != 0 and dense.size < n:

@@ -197,6 +197,36 @@ class StoreSuite:
             assert got[item] == pytest.approx(want, rel=1e-6), item
         assert sum(scores) == pytest.approx(sum(expected.values()), rel=1e-6)
 
+    # -- the hot-path read -----------------------------------------------------------------
+
+    def test_fetch_reads_history_and_segments_at_once(self, store: Store) -> None:
+        now = time.time()
+        store.record(
+            [
+                Event("u", "a", now - 2, "cart", {"c": "x"}),
+                Event("u", 2, now - 1),
+                Event("v", "a", now, "order", {"c": "x"}),
+            ]
+        )
+        r = store.fetch("u", [None, "c=x", "c=none"], popular_limit=5, timeout_ms=100)
+        assert r.ok
+        assert (r.items, r.event_types) == (["a", 2], ["cart", "click"])
+        assert r.popular[None][0] == ["a", 2]
+        assert r.popular["c=x"][0] == ["a"]
+        assert r.popular["c=none"] == ([], [])
+        assert store.fetch("u", [None], history_limit=1, popular_limit=1).items == [2]
+        only_pop = store.fetch(None, [None], popular_limit=1)
+        assert only_pop.items == [] and only_pop.popular[None][0] == ["a"]
+        only_hist = store.fetch("u", [None], popular_limit=0)
+        assert only_hist.items == ["a", 2] and only_hist.popular == {}
+
+    def test_result_cache_round_trip(self, store: Store) -> None:
+        assert store.cache_get("k") is None
+        assert store.cache_set("k", b"\x00blob", ttl_s=0.2)
+        assert store.cache_get("k") == b"\x00blob"
+        time.sleep(0.3)
+        assert store.cache_get("k") is None
+
     # -- expiry and lifecycle -------------------------------------------------------------
 
     def test_history_expires_after_its_ttl(self, new_store: Any) -> None:

@@ -12,7 +12,7 @@ import pytest
 from retrieval.artifacts import ArtifactError
 from retrieval.events import EventLog, read_events
 from retrieval.types import Deadline, Request
-from sources.base import SourceContext, StoreView
+from sources.base import SourceContext
 from sources.popularity import PopularityParams, PopularitySource
 from tests.contract import SourceContract
 
@@ -39,32 +39,13 @@ def build(tmp_path: Path, events: EventLog, **params: Any) -> tuple[Path, Popula
     return root, p
 
 
-def open_source(root: Path, p: PopularityParams, store: StoreView | None = None):
-    return PopularitySource("pop", p, SourceContext(artifacts=root, store=store))
+def open_source(root: Path, p: PopularityParams):
+    return PopularitySource("pop", p, SourceContext(artifacts=root))
 
 
 def get(source: PopularitySource, k: int = 10, **req: Any) -> tuple[list[Any], np.ndarray]:
     ids, scores = source.retrieve(Request(**req), k, Deadline.in_ms(100))
     return ids.tolist(), scores
-
-
-class FakeStore:
-    """Just the StoreView protocol: fixed live lists per segment key, and a call log."""
-
-    def __init__(self, lists: dict[str | None, tuple[list[Any], list[float]]], fail: bool = False):
-        self.lists = lists
-        self.fail = fail
-        self.calls: list[tuple[str | None, int]] = []
-
-    def history(self, user_id, limit=None):
-        return [], [], []
-
-    def popular(self, segment, limit):
-        self.calls.append((segment, limit))
-        if self.fail:
-            raise ConnectionError("store down")
-        ids, scores = self.lists.get(segment, ([], []))
-        return ids[:limit], scores[:limit]
 
 
 @pytest.fixture
@@ -138,26 +119,27 @@ def test_integer_ids_round_trip_and_top_n(tmp_path):
 
 def test_live_counts_change_the_ranking(shop, tmp_path):
     root, p = build(tmp_path, shop, segments=["country"])
-    store = FakeStore({None: (["old", "brand_new"], [50.0, 10.0]), "country=de": (["new"], [9.0])})
-    source = open_source(root, p, store)
-    ids, scores = get(source)
+    live = {None: (["old", "brand_new"], [50.0, 10.0]), "country=de": (["new"], [9.0])}
+    source = open_source(root, p)
+    ids, scores = get(source, live_popular=live)
     assert ids[:2] == ["old", "brand_new"]  # items the build never saw can appear too
     assert scores[0] == pytest.approx(50.625, rel=1e-4)
-    assert get(source, context={"country": "de"})[0][0] == "new"
-    assert (None, 10) in store.calls and ("country=de", 10) in store.calls
-    muted = open_source(root, p.model_copy(update={"live_weight": 0.0}), store)
-    assert get(muted)[0][0] == "fr_hit"
+    assert get(source, context={"country": "de"}, live_popular=live)[0][0] == "new"
+    # the retriever asks for exactly the list the source will read, no deeper than live_top
+    assert source.live_popular(Request(context={"country": "de"}), 500) == (("country=de",), 100)
+    assert source.live_popular(Request(context={"country": "xx"}), 10) == ((None,), 10)
+    muted = open_source(root, p.model_copy(update={"live_weight": 0.0}))
+    assert get(muted, live_popular=live)[0][0] == "fr_hit"
+    assert muted.live_popular(Request(), 10) == ((), 0)
 
 
-def test_store_failure_and_no_time_serve_the_build(shop, tmp_path):
+def test_no_or_failed_store_read_serves_the_build(shop, tmp_path):
     root, p = build(tmp_path, shop)
-    store = FakeStore({}, fail=True)
-    source = open_source(root, p, store)
-    assert get(source)[0][0] == "fr_hit"
-    assert get(source)[0][0] == "fr_hit"  # warns once, keeps serving
-    calls = len(store.calls)
-    ids, _ = source.retrieve(Request(), 3, Deadline.in_ms(0.001))
-    assert ids.tolist() == ["fr_hit", "mid", "de_hit"] and len(store.calls) == calls
+    source = open_source(root, p)
+    assert get(source)[0][0] == "fr_hit"  # live_popular None: the store was not read
+    assert get(source, live_popular={})[0][0] == "fr_hit"  # the read failed
+    bad = {None: ([1.5, None], [1.0, 2.0])}  # garbage never breaks the fallback
+    assert get(source, live_popular=bad)[0][0] == "fr_hit"
 
 
 def test_unknown_segment_column_is_a_build_error(shop, tmp_path):
