@@ -19,8 +19,13 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from retrieval.store import redact
+
     config = load_config(args.config)
-    print(json.dumps(config.model_dump(mode="json"), indent=2))
+    dumped = config.model_dump(mode="json")
+    if config.store.url:
+        dumped["store"]["url"] = redact(config.store.url)  # never print a password
+    print(json.dumps(dumped, indent=2))
     print(f"{args.config}: ok ({len(config.sources)} sources)", file=sys.stderr)
     return 0
 
@@ -37,7 +42,10 @@ def _blend(args: argparse.Namespace) -> int:
         print(result.to_json())
         return 0
     shown = min(len(result), args.show)
-    print(f"{len(result)} candidates in {result.elapsed_ms:.2f} ms (showing {shown})")
+    print(
+        f"{len(result)} candidates in {result.elapsed_ms:.2f} ms (showing {shown}); "
+        f"store {result.store_status}" + (", from the result cache" if result.cache_hit else "")
+    )
     for c in list(result)[:shown]:
         prov = ", ".join(f"{name}#{rank}" for name, rank in c.ranks.items())
         print(f"  {c.item_id!s:>14}  {c.score:9.5f}  {prov}")
@@ -67,6 +75,58 @@ def _build(args: argparse.Namespace) -> int:
     counts = open_artifacts(out).counts
     print(format_summary(rows, counts.get("events", 0), counts.get("items", 0)))
     print(f"built {len(rows)} sources into {out} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from retrieval.push import push
+    from retrieval.store import redact
+
+    config = load_config(args.config)
+    url = args.url or config.store.url
+    if not url:
+        raise ValueError("no --url given and the config's store has no url (store.kind: redis)")
+    t0 = time.perf_counter()
+    results = push(config, args.artifacts, url, only=args.only)
+    for r in results:
+        print(
+            f"  {r.source:<16} version {r.version}  {r.rows:>9,} rows  "
+            f"{r.bytes / 1e6:8.1f} MB  {r.deleted:>9,} old keys deleted  {r.seconds:6.1f}s"
+        )
+    print(f"pushed {len(results)} sources to {redact(url)} in {time.perf_counter() - t0:.1f}s")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from retrieval.bench import exact_reference, format_result, run_bench, sample_requests
+    from retrieval.retriever import Retriever
+
+    config = load_config(args.config)
+    artifacts = args.artifacts.resolve()
+    config = config.model_copy(update={"artifacts": artifacts})
+    t0 = time.perf_counter()
+    requests = sample_requests(config, artifacts, args.events, args.requests, seed=args.seed)
+    print(f"sampled {len(requests)} requests in {time.perf_counter() - t0:.1f}s", flush=True)
+    t0 = time.perf_counter()
+    with Retriever(config) as retriever:
+        print(f"loaded the retriever in {time.perf_counter() - t0:.2f}s", flush=True)
+        result = run_bench(retriever, requests, args.concurrency)
+        if args.exact_queries > 0:
+            result.exact = exact_reference(
+                retriever, requests, config.k, max_queries=args.exact_queries
+            )
+    out = result.to_dict()
+    print(format_result(out))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from retrieval.doctor import doctor
+
+    print(doctor(items=args.items, queries=args.queries))
     return 0
 
 
@@ -220,6 +280,29 @@ def _parser() -> argparse.ArgumentParser:
     bd.add_argument("--out", type=Path, default=None, help="default: the config's artifacts")
     bd.add_argument("--only", nargs="*", help="build only these sources")
     bd.set_defaults(handler=_build)
+
+    pu = sub.add_parser("push", help="upload neighbour and popularity lists to Redis")
+    pu.add_argument("config", type=Path)
+    pu.add_argument("--artifacts", type=Path, required=True, help="the output of `build`")
+    pu.add_argument("--url", default=None, help="default: the config's store.url")
+    pu.add_argument("--only", nargs="*", help="push only these sources")
+    pu.set_defaults(handler=_push)
+
+    be = sub.add_parser("bench", help="replay requests against built artifacts; time everything")
+    be.add_argument("config", type=Path)
+    be.add_argument("--artifacts", type=Path, required=True, help="the output of `build`")
+    be.add_argument("--events", type=Path, default=None, help="log to sample requests from")
+    be.add_argument("--requests", type=_positive, default=2000)
+    be.add_argument("--concurrency", type=_positive, default=1)
+    be.add_argument("--exact-queries", type=int, default=200, help="0: skip exact search")
+    be.add_argument("--seed", type=int, default=0)
+    be.add_argument("--json", type=Path, default=None)
+    be.set_defaults(handler=_bench)
+
+    dr = sub.add_parser("doctor", help="threads, BLAS, versions, CPU flags, GIL release")
+    dr.add_argument("--items", type=_positive, default=50_000, help="size of the GIL test index")
+    dr.add_argument("--queries", type=_positive, default=400)
+    dr.set_defaults(handler=_doctor)
     return p
 
 
@@ -234,6 +317,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ArtifactError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:  # e.g. Redis unreachable during a push (message redacted)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ co-visitation and served by the same aggregation (``sources.neighbours``).
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -17,13 +18,16 @@ import scipy.sparse as sp
 from pydantic import Field
 from threadpoolctl import threadpool_limits
 
-from retrieval.artifacts import save_csr
+from retrieval.artifacts import CSR, save_csr
 from retrieval.events import EventLog
 from sources.base import Need, SourceParams
 from sources.covisitation import DEFAULT_EVENT_WEIGHTS, event_weight_vector
 from sources.neighbours import NeighbourSource, top_k_per_row
 
-__all__ = ["ItemCFParams", "ItemCFSource", "user_item_matrix"]
+__all__ = ["ItemCFParams", "ItemCFSource", "similarity_to_csr", "user_item_matrix"]
+
+
+_BLOCKWISE_ITEMS = 2_000_000
 
 
 class ItemCFParams(SourceParams):
@@ -34,8 +38,12 @@ class ItemCFParams(SourceParams):
     event_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
     history: int = Field(20, ge=1, le=10_000)
     recency_decay: float = Field(0.9, gt=0, le=1)
+    backend: Literal["local", "redis"] = "local"  # redis: rows pushed by `retrieval push`
+    # None: block-wise (sources.itemcf_blocks) above 2M items, where implicit's one-piece fit
+    # needs tens of GB; the neighbours are the same either way, so it is not a build param.
+    blockwise: bool | None = None
 
-    serving_params = frozenset({"history", "recency_decay"})
+    serving_params = frozenset({"history", "recency_decay", "backend", "blockwise"})
 
 
 def user_item_matrix(events: EventLog, event_weights: dict[str, float]) -> sp.csr_matrix:
@@ -72,6 +80,38 @@ def _fit_similarity(matrix: sp.csr_matrix, params: ItemCFParams) -> sp.csr_matri
     return sp.csr_matrix(model.similarity)
 
 
+def similarity_to_csr(sim: sp.csr_matrix, k: int, block_nnz: int = 1 << 22) -> CSR:
+    """Each row's ``k`` best positive off-diagonal similarities, in our CSR format.
+
+    Row block by row block, so the sort's temporaries stay ~100 MB whatever the catalog size
+    (one pass over 45M similarities used to add 2 GB to the build's peak).
+    """
+    sim = sp.csr_matrix(sim)
+    sim.sort_indices()  # column order within rows: equal scores then rank by smaller id
+    n = sim.shape[0]
+    indptr = np.asarray(sim.indptr, dtype=np.int64)
+    cuts = np.searchsorted(indptr, np.arange(0, indptr[-1], block_nnz), side="right") - 1
+    bounds = np.unique(np.r_[cuts, n]).tolist()
+    lengths = np.zeros(n, dtype=np.int64)
+    index_parts, score_parts = [], []
+    for lo, hi in itertools.pairwise(bounds):
+        a, b = int(indptr[lo]), int(indptr[hi])
+        rows = np.repeat(np.arange(hi - lo, dtype=np.int64), np.diff(indptr[lo : hi + 1]))
+        cols, vals = sim.indices[a:b], sim.data[a:b]
+        keep = (cols != rows + lo) & (vals > 0)
+        part = top_k_per_row(rows[keep], cols[keep], vals[keep], hi - lo, k)
+        lengths[lo:hi] = np.diff(part.indptr)
+        index_parts.append(part.indices)
+        score_parts.append(part.scores)
+    out_indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out_indptr[1:])
+    return CSR(
+        indptr=out_indptr,
+        indices=np.concatenate([np.empty(0, np.int32), *index_parts]),
+        scores=np.concatenate([np.empty(0, np.float32), *score_parts]),
+    )
+
+
 class ItemCFSource(NeighbourSource):
     kind = "itemcf"
     Params = ItemCFParams
@@ -89,17 +129,19 @@ class ItemCFSource(NeighbourSource):
         matrix = user_item_matrix(events, params.event_weights)
         if progress is not None:
             progress(len(events) // 2)
-        sim = _fit_similarity(matrix, params).tocoo()
-        off_diagonal = (sim.row != sim.col) & (sim.data > 0)
-        csr = top_k_per_row(
-            sim.row[off_diagonal].astype(np.int64),
-            sim.col[off_diagonal].astype(np.int64),
-            sim.data[off_diagonal].astype(np.float64),
-            matrix.shape[1],
-            params.neighbours,
-        )
+        blockwise = params.blockwise
+        if blockwise is None:
+            blockwise = matrix.shape[1] > _BLOCKWISE_ITEMS
+        if blockwise:
+            from sources.itemcf_blocks import blockwise_similarity, weighted_matrix
+
+            w = weighted_matrix(matrix, params.model, params.bm25_k1, params.bm25_b)
+            csr = blockwise_similarity(w, params.neighbours)
+        else:
+            csr = similarity_to_csr(_fit_similarity(matrix, params), params.neighbours)
         save_csr(out_dir, csr)
         return {
+            "blockwise": blockwise,
             "model": params.model,
             "users": int(matrix.shape[0]),
             "interactions": int(matrix.nnz),

@@ -159,3 +159,28 @@ class TestCovisitationContract(SourceContract):
 def test_needs_artifacts(tmp_path):
     with pytest.raises(Exception, match="retrieval build"):
         CovisitationSource("c", CovisitationParams(), SourceContext())
+
+
+def test_interleaved_session_ids_are_regrouped_in_time_order(tmp_path):
+    ev = log(
+        tmp_path,
+        ["1,10,0,a", "1,20,1,b", "1,11,2,a", "1,21,3,b", "1,12,4,a", "2,10,0,a", "2,13,1,a"],
+        header="user_id,item_id,timestamp,session_id",
+    )
+    csr, stats = build_covisitation(
+        ev, CovisitationParams(window=1, direction="forward"), tmp_path / "s"
+    )
+    assert neighbours(csr, ev, 10) == {11: 1.0, 13: 1.0}  # user 2's session "a" is its own
+    assert neighbours(csr, ev, 11) == {12: 1.0}
+    assert neighbours(csr, ev, 20) == {21: 1.0}
+    assert stats["sessions"] == 3
+
+
+def test_partition_bounds_follow_event_counts():
+    from sources.covisitation import _partition_bounds
+
+    items = np.r_[np.zeros(90, np.int32), np.arange(1, 11, dtype=np.int32)]  # item 0 is hot
+    bounds = _partition_bounds(items, 100, 4)
+    assert bounds[0] == 0 and bounds[-1] == 100 and np.all(np.diff(bounds) >= 0)
+    assert bounds[1] == 1  # the hot item is a partition by itself, not a quarter of the ids
+    assert _partition_bounds(np.empty(0, np.int32), 0, 3).tolist() == [0, 0, 0, 0]

@@ -58,3 +58,20 @@ def test_top_k_per_row():
     )
     assert csr.indptr.tolist() == [0, 2, 2, 3]
     assert csr.indices.tolist() == [6, 7, 1]
+
+
+def test_top_k_per_row_matches_a_lexsort_reference():
+    rng = np.random.default_rng(3)
+    n = 5000
+    rows = rng.integers(0, 50, n)
+    cols = rng.integers(0, 400, n)
+    # few distinct values: many ties; negatives and zero exercise the float-bit ordering
+    vals = rng.choice(np.array([-2.5, -0.5, 0.0, 0.25, 1.0, 3.0, 1e6]), n)
+    csr = top_k_per_row(rows, cols, vals, 60, 7)
+    order = np.lexsort((cols, -vals, rows))
+    r, c, v = rows[order], cols[order], vals[order]
+    for i in range(60):
+        mine = r == i
+        assert csr.row(i)[0].tolist() == c[mine][:7].tolist()
+        assert csr.row(i)[1].tolist() == v[mine][:7].astype(np.float32).tolist()
+    assert csr.indptr[-1] == csr.nnz and csr.n_rows == 60
