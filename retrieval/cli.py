@@ -300,7 +300,7 @@ def _parser() -> argparse.ArgumentParser:
     be.set_defaults(handler=_bench)
 
     dr = sub.add_parser("doctor", help="threads, BLAS, versions, CPU flags, GIL release")
-    dr.add_argument("--items", type=_positive, default=50_000, help="size of the GIL test index")
+    dr.add_argument("--items", type=_positive, default=200_000, help="GIL test index size")
     dr.add_argument("--queries", type=_positive, default=400)
     dr.set_defaults(handler=_doctor)
     return p

@@ -1,4 +1,4 @@
-"""Approximate nearest neighbours over item embeddings (annoy), queried with a user vector.
+"""Approximate nearest neighbours over item embeddings (annoy or faiss), queried with a user vector.
 
 Embeddings come from the user (``embeddings`` + ``embedding_ids``: ``.npy`` files, e.g. a
 two-tower model's item tower) or are learned from the event log with implicit's ALS. The query
@@ -10,6 +10,8 @@ to re-solve with).
 
 annoy segfaults on a wrong dimension or a damaged file, so every index has a JSON sidecar
 (``ann.json``) that is validated before the index is opened, and one self-check query runs after.
+``backend: faiss`` swaps the annoy index for a faiss IVF index (``sources.ann_faiss``): annoy
+cannot reach recall 0.95 at k = 1,000 over millions of items within the budget (issue 6).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from threadpoolctl import threadpool_limits
 
 from retrieval.artifacts import ArtifactError, IdMap
 from retrieval.types import Deadline, Request, as_id_array
+from sources.ann_faiss import INDEX as FAISS_INDEX
+from sources.ann_faiss import FaissIVF, build_ivf, default_nprobe
 from sources.base import Ranked, SkipSource, Source, SourceContext, SourceParams
 from sources.history import weighted_history
 from sources.popularity import DEFAULT_EVENT_WEIGHTS, event_weight_vector
@@ -47,7 +51,7 @@ SIDECAR = "ann.json"
 INDEX = "index.ann"
 _ON_DISK_AUTO = 1_000_000  # items above which the index is built on disk, not in RAM
 _ADD_CHUNK = 65_536  # rows converted to Python lists at a time while filling the index
-_TIGHT_MS = 5.0  # below this much time left, search_k shrinks in proportion
+_TIGHT_MS = 5.0  # below this much time left, search_k / nprobe shrink in proportion
 _FINITE_CHUNK = 262_144
 _SELF_CHECK_TOL = 0.02  # distance, relative to |v| for euclidean, under which a hit counts
 
@@ -61,6 +65,11 @@ class AnnParams(SourceParams):
     request's recent items whenever any are known (the trained factors average 90 days of
     drifting taste: on the synthetic log, hit@1000 of the next item is 0.42 re-solved vs 0.02
     trained); ``trained`` uses the trained factors unless the history is newer than the build.
+
+    ``backend: faiss`` builds an IVF index instead of annoy: ``nlist`` lists (default ~4 sqrt(n)),
+    ``nprobe`` scanned per query (default from the catalogue size and k), ``storage`` flat or
+    sq8 (4x smaller; the best ``rerank`` candidates are re-scored exactly), ``balance_lists``
+    splits oversized k-means lists. ``n_trees``/``search_k`` are annoy's, the rest faiss's.
     """
 
     embeddings: str | None = None
@@ -78,6 +87,16 @@ class AnnParams(SourceParams):
     recency_decay: float = Field(0.9, gt=0, le=1)
     user_vector: Literal["history", "trained"] = "history"
     seed: int = 0
+    backend: Literal["annoy", "faiss"] = "annoy"
+    nlist: int | None = Field(None, ge=1)
+    nprobe: int | None = Field(None, ge=1)
+    storage: Literal["flat", "sq8"] = "flat"
+    rerank: int = Field(2000, ge=0)
+    balance_lists: bool = True
+
+    serving_params = frozenset(
+        {"history", "recency_decay", "user_vector", "search_k", "nprobe", "rerank"}
+    )
 
 
 def _annoy_metric(metric: str) -> str:
@@ -235,6 +254,18 @@ class AnnSource(Source):
             self.user_ids = IdMap.load(root / "ids" / "users.npy", mmap=True)
             self._users = self._npy(self.dir / "user_factors.npy", (len(self.user_ids), self.dims))
             self._gram = np.asarray(self._npy(self.dir / "gram.npy", (self.dims, self.dims)))
+        self.backend: str = meta["backend"]
+        if self.backend != self.p.backend:
+            raise ArtifactError(
+                f"{self.dir / SIDECAR}: built with backend {self.backend!r}, configured "
+                f"{self.p.backend!r}; rebuild"
+            )
+        self.index: AnnoyIndex | None = None
+        self.ivf: FaissIVF | None = None
+        if self.backend == "faiss":
+            self.ivf = FaissIVF(self.dir / FAISS_INDEX, meta)
+            self._self_check_faiss()
+            return
         self.index = AnnoyIndex(self.dims, meta["annoy_metric"])
         try:
             self.index.load(str(self.dir / INDEX), prefault=False)
@@ -264,6 +295,16 @@ class AnnSource(Source):
             raise ArtifactError(f"{path}: n_items must be a positive integer, found {n!r}")
         if metric not in ("angular", "dot", "euclidean"):
             raise ArtifactError(f"{path}: unknown metric {metric!r}")
+        meta.setdefault("backend", "annoy")  # sidecars written before faiss have no key
+        if meta["backend"] == "faiss":
+            for key in ("max_timestamp", "index_bytes", "own_ids", "user_factors", "nlist"):
+                if key not in meta:
+                    raise ArtifactError(f"{path}: missing {key!r}; rebuild")
+            if not isinstance(meta["nlist"], int) or meta["nlist"] <= 0:
+                raise ArtifactError(f"{path}: nlist must be a positive integer")
+            return meta
+        if meta["backend"] != "annoy":
+            raise ArtifactError(f"{path}: unknown backend {meta['backend']!r}")
         if meta.get("annoy_metric") != _annoy_metric(metric):
             raise ArtifactError(
                 f"{path}: annoy_metric {meta.get('annoy_metric')!r} does not serve {metric!r}"
@@ -295,6 +336,24 @@ class AnnSource(Source):
             raise ArtifactError(f"{path}: shape {arr.shape} {arr.dtype}, expected {shape} floats")
         return arr
 
+    def _self_check_faiss(self) -> None:
+        """Item 0's own list holds it: one probe must find it (or a twin at the same score)."""
+        assert self.ivf is not None
+        v = np.asarray(self._items[0], dtype=np.float32)
+        if self.metric == "angular":
+            v = _unit_rows(v)
+        rows, raw = self.ivf.search(v, min(10, self.n_items), nprobe=1)
+        ok = rows.size > 0 and bool(np.isfinite(raw).all())
+        if ok and self.metric != "dot":
+            own = 0.0 if self.ivf.l2 else float(v @ v)
+            tol = _SELF_CHECK_TOL * (float(v @ v) + 1e-12)
+            ok = 0 in rows.tolist() or abs(float(raw[0]) - own) <= tol
+        if not ok:
+            raise ArtifactError(
+                f"{self.dir / FAISS_INDEX}: self-check failed (item 0 not found from its own "
+                "vector); the index does not match item_factors.npy: rebuild"
+            )
+
     def _self_check(self) -> None:
         """The index must hold the saved vectors and find item 0 (or a near twin) from its vector.
 
@@ -302,6 +361,7 @@ class AnnSource(Source):
         so annoy places them on random sides and item 0 itself may be unreachable; a result at
         (almost) zero distance proves the search works just as well.
         """
+        assert self.index is not None
         v = np.asarray(self._items[0], dtype=np.float32)
         if self.metric == "angular":
             v = _unit_rows(v)
@@ -399,6 +459,37 @@ class AnnSource(Source):
             return full
         return max(n, int(full * max(left, 0.0) / _TIGHT_MS))
 
+    def nprobe(self, n: int, deadline: Deadline) -> int:
+        """faiss's knob (configured, or derived from the catalogue size and ``n``), shrunk in
+        proportion when less than ``_TIGHT_MS`` is left."""
+        assert self.ivf is not None
+        full = self.p.nprobe or default_nprobe(self.ivf.nlist, self.n_items, n)
+        left = deadline.remaining_ms()
+        if left >= _TIGHT_MS:
+            return full
+        return max(1, int(full * max(left, 0.0) / _TIGHT_MS))
+
+    def _faiss_search(
+        self, v: npt.NDArray[np.float32], n: int, deadline: Deadline
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """Rows and scores on annoy's scale (cosine, dot, -distance); sq8 re-ranked exactly."""
+        assert self.ivf is not None
+        rerank = self.meta.get("storage") == "sq8" and self.p.rerank > 0
+        m = min(self.n_items, max(n, self.p.rerank)) if rerank else n
+        rows, raw = self.ivf.search(v, m, self.nprobe(n, deadline))
+        if not rerank:
+            return rows, (-np.sqrt(np.maximum(raw, 0.0)) if self.ivf.l2 else raw)
+        rows = np.sort(rows)  # ascending offsets: the gather from the mmap reads forwards
+        y = np.asarray(self._items[rows], dtype=np.float32)
+        if self.metric == "angular":
+            y = _unit_rows(y)
+        if self.metric == "euclidean":
+            exact = -np.linalg.norm(y - v, axis=1).astype(np.float32)
+        else:
+            exact = (y @ v).astype(np.float32)
+        top = np.argsort(-exact, kind="stable")[:n]
+        return rows[top], exact[top]
+
     def retrieve(self, request: Request, k: int, deadline: Deadline) -> Ranked:
         v, exclude, _ = self.query_vector(request)
         if self.metric == "angular":
@@ -406,17 +497,21 @@ class AnnSource(Source):
                 raise SkipSource("zero query vector under the angular metric")
             v = _unit_rows(v)
         n = min(self.n_items, k + int(exclude.size))
-        found, dist = self.index.get_nns_by_vector(
-            v.tolist(), n, search_k=self._search_k(n, deadline), include_distances=True
-        )
-        rows = np.asarray(found, dtype=np.int64)
-        d = np.asarray(dist, dtype=np.float32)
-        if self.metric == "angular":
-            scores = 1.0 - 0.5 * d * d  # unit vectors: |a - b| = sqrt(2 - 2 cos)
-        elif self.metric == "dot":
-            scores = d
+        if self.ivf is not None:
+            rows, scores = self._faiss_search(v, n, deadline)
         else:
-            scores = -d
+            assert self.index is not None
+            found, dist = self.index.get_nns_by_vector(
+                v.tolist(), n, search_k=self._search_k(n, deadline), include_distances=True
+            )
+            rows = np.asarray(found, dtype=np.int64)
+            d = np.asarray(dist, dtype=np.float32)
+            if self.metric == "angular":
+                scores = 1.0 - 0.5 * d * d  # unit vectors: |a - b| = sqrt(2 - 2 cos)
+            elif self.metric == "dot":
+                scores = d
+            else:
+                scores = -d
         if exclude.size:
             keep = ~np.isin(rows, exclude)
             rows, scores = rows[keep], scores[keep]
@@ -424,7 +519,9 @@ class AnnSource(Source):
         return self.item_ids.to_external(rows[order]), scores[order].astype(np.float32)
 
     def close(self) -> None:
-        self.index.unload()
+        if self.index is not None:
+            self.index.unload()
+        self.ivf = None
 
     # ---- build ---------------------------------------------------------------------------
 
@@ -436,7 +533,7 @@ class AnnSource(Source):
         params: SourceParams,
         progress: Callable[[int], None] | None = None,
     ) -> dict[str, Any]:
-        """Embeddings (given, or ALS), then the annoy index and its sidecar, written last."""
+        """Embeddings (given, or ALS), then the annoy or faiss index and its sidecar, last."""
         if not isinstance(params, AnnParams):
             raise TypeError(f"expected AnnParams, got {type(params).__name__}")
         p = params
@@ -462,23 +559,40 @@ class AnnSource(Source):
             gram = items.astype(np.float64).T @ items.astype(np.float64)
             np.save(out_dir / "gram.npy", gram, allow_pickle=False)
         t1 = time.perf_counter()
-        on_disk = _build_index(items, p, out_dir / INDEX)
-        t_index = time.perf_counter() - t1
         n, dims = items.shape
-        meta = {
+        common = {
             "format_version": FORMAT_VERSION,
+            "backend": p.backend,
             "dims": int(dims),
             "metric": p.metric,
-            "annoy_metric": _annoy_metric(p.metric),
             "n_items": int(n),
-            "n_trees": p.n_trees,
-            "annoy_version": importlib.metadata.version("annoy"),
             "max_timestamp": float(events.timestamps.max()) if len(events.timestamps) else 0.0,
-            "index_bytes": (out_dir / INDEX).stat().st_size,
             "own_ids": own_ids is not None,
             "user_factors": users is not None,
             "origin": origin,
         }
+        if p.backend == "faiss":
+            ivf = build_ivf(
+                items,
+                p.metric,
+                out_dir / FAISS_INDEX,
+                nlist=p.nlist,
+                storage=p.storage,
+                balance=p.balance_lists,
+                seed=p.seed,
+            )
+            meta: dict[str, Any] = {**common, **ivf}
+            on_disk = True
+        else:
+            on_disk = _build_index(items, p, out_dir / INDEX)
+            meta = {
+                **common,
+                "annoy_metric": _annoy_metric(p.metric),
+                "n_trees": p.n_trees,
+                "annoy_version": importlib.metadata.version("annoy"),
+                "index_bytes": (out_dir / INDEX).stat().st_size,
+            }
+        t_index = time.perf_counter() - t1
         (out_dir / SIDECAR).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         if progress is not None:
             progress(len(events.timestamps))

@@ -1,0 +1,288 @@
+"""``retrieval bench``: replay realistic requests against built artifacts and time everything.
+
+Requests: with ``--events``, N events are drawn uniformly from the log (so busy users come up as
+often as they do in traffic) and each becomes a request for that user with the events before it
+as history (timestamps and types included) and its segment values as context: what the app
+would send at that moment. Without a log, users are drawn from the build's id map and the
+request carries the user id alone (history then comes from the store, empty in a fresh memory
+store: the neighbour sources are skipped, so prefer a log).
+
+Order matters for the figures: warm-up, timed blends (latency per call, throughput at the given
+concurrency), the process RSS (before anything else allocates), and only then the exact search
+reference and the ANN recall, which read the whole item matrix.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gc
+import multiprocessing
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from threadpoolctl import threadpool_limits
+
+from retrieval.config import RetrievalConfig
+from retrieval.types import Deadline, Request, SourceStatus
+
+__all__ = ["BenchResult", "exact_reference", "rss_mb", "run_bench", "sample_requests"]
+
+_HISTORY = 50  # events of history per request (sources read their own 20-50 of them)
+_WARM_UP = 50
+
+
+def rss_mb(field_name: str = "VmRSS") -> float:
+    """This process's resident set (or ``VmHWM``, its peak) from /proc/self/status, in MB."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:  # not Linux
+        pass
+    return float("nan")
+
+
+def sample_requests(
+    config: RetrievalConfig, artifacts: Path, events_path: Path | None, n: int, seed: int = 0
+) -> list[Request]:
+    """``n`` requests: from the log's events (user, prior history, segments) or from user ids.
+
+    The log is read in a child process: the allocator keeps what reading 100M events took,
+    and that would count as the serving process's RSS.
+    """
+    if events_path is None:
+        return _sample(config, artifacts, None, n, seed)
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        return pool.submit(_sample, config, artifacts, events_path, n, seed).result()
+
+
+def _sample(
+    config: RetrievalConfig, artifacts: Path, events_path: Path | None, n: int, seed: int
+) -> list[Request]:
+    rng = np.random.default_rng(seed)
+    if events_path is None:
+        from retrieval.artifacts import IdMap
+
+        users = IdMap.load(artifacts / "ids" / "users.npy", mmap=True)
+        picks = rng.integers(0, len(users), size=n)
+        return [Request(user_id=u.item()) for u in users.to_external(picks)]
+    from retrieval.build import needed_segments
+    from retrieval.events import read_events
+
+    log = read_events(events_path, config.events.columns, needed_segments(config))
+    picks = np.sort(rng.choice(len(log), size=min(n, len(log)), replace=False))
+    first = np.searchsorted(log.users, log.users[picks], side="left")
+    requests = []
+    names = log.event_type_names
+    for p, lo in zip(picks.tolist(), first.tolist(), strict=True):
+        hist = slice(max(lo, p - _HISTORY), p)
+        types = (
+            tuple(names[t] for t in log.event_types[hist].tolist())
+            if log.event_types is not None and names
+            else None
+        )
+        requests.append(
+            Request(
+                user_id=log.user_ids.to_external(log.users[p : p + 1])[0].item(),
+                history=tuple(log.item_ids.to_external(log.items[hist]).tolist()),
+                history_timestamps=tuple(log.timestamps[hist].tolist()),
+                history_event_types=types,
+                context={
+                    seg: str(log.segment_values[seg][codes[p]])
+                    for seg, codes in log.segments.items()
+                },
+            )
+        )
+    del log
+    gc.collect()
+    order = rng.permutation(len(requests))  # not grouped by user
+    return [requests[i] for i in order]
+
+
+@dataclass
+class SourceStats:
+    latencies: list[float] = field(default_factory=list)
+    timeouts: int = 0
+    errors: int = 0
+    skipped: int = 0
+
+
+@dataclass
+class BenchResult:
+    requests: int
+    concurrency: int
+    latencies_ms: npt.NDArray[np.float64]
+    seconds: float
+    rss_mb: float
+    rss_peak_mb: float
+    rss_anon_mb: float
+    sources: dict[str, SourceStats]
+    returned: float
+    exact: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        lat = self.latencies_ms
+        return {
+            "requests": self.requests,
+            "concurrency": self.concurrency,
+            "p50_ms": _pct(lat, 50),
+            "p95_ms": _pct(lat, 95),
+            "p99_ms": _pct(lat, 99),
+            "qps": round(self.requests / self.seconds, 1) if self.seconds > 0 else 0.0,
+            "rss_mb": round(self.rss_mb, 1),
+            "rss_peak_mb": round(self.rss_peak_mb, 1),
+            "rss_anon_mb": round(self.rss_anon_mb, 1),
+            "mean_candidates": round(self.returned, 1),
+            "sources": {
+                name: {
+                    "p50_ms": _pct(np.asarray(s.latencies), 50),
+                    "p99_ms": _pct(np.asarray(s.latencies), 99),
+                    "timeouts": s.timeouts,
+                    "errors": s.errors,
+                    "skipped": s.skipped,
+                }
+                for name, s in self.sources.items()
+            },
+            "exact": self.exact,
+        }
+
+
+def _pct(x: npt.NDArray[Any], q: float) -> float:
+    return round(float(np.percentile(x, q)), 3) if len(x) else float("nan")
+
+
+def run_bench(retriever: Any, requests: list[Request], concurrency: int) -> BenchResult:
+    """Warm up, then blend every request on ``concurrency`` threads; RSS read right after."""
+    for r in requests[:_WARM_UP]:
+        retriever.blend(r)
+    lat = np.zeros(len(requests))
+    results: list[Any] = [None] * len(requests)
+    cursor = iter(range(len(requests)))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                i = next(cursor, None)
+            if i is None:
+                return
+            t0 = time.perf_counter()
+            results[i] = retriever.blend(requests[i])
+            lat[i] = (time.perf_counter() - t0) * 1000.0
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        for f in [pool.submit(worker) for _ in range(concurrency)]:
+            f.result()
+    seconds = time.perf_counter() - t0
+    rss, peak, anon = rss_mb(), rss_mb("VmHWM"), rss_mb("RssAnon")
+    stats: dict[str, SourceStats] = {}
+    for res in results:
+        for rep in res.reports:
+            s = stats.setdefault(rep.name, SourceStats())
+            if rep.status == SourceStatus.OK:
+                s.latencies.append(rep.latency_ms)
+            elif rep.status == SourceStatus.TIMEOUT:
+                s.timeouts += 1
+            elif rep.status == SourceStatus.SKIPPED:
+                s.skipped += 1
+            else:
+                s.errors += 1
+    returned = float(np.mean([len(r) for r in results])) if results else 0.0
+    return BenchResult(len(requests), concurrency, lat, seconds, rss, peak, anon, stats, returned)
+
+
+def exact_reference(
+    retriever: Any, requests: list[Request], k: int, max_queries: int = 200
+) -> dict[str, Any]:
+    """Exact top-k search (numpy matmul + argpartition, one thread, one query at a time) over
+    the ANN source's own item vectors, its time beside the ANN source's, and the ANN recall@k.
+    """
+    from sources.ann import AnnSource
+
+    ann = next((s for s in retriever.sources if isinstance(s, AnnSource)), None)
+    if ann is None:
+        return {}
+    queries: list[tuple[Request, npt.NDArray[np.float32], npt.NDArray[np.int32]]] = []
+    for r in requests:
+        full = retriever.request(r)
+        try:
+            v, exclude, _ = ann.query_vector(full)
+        except Exception:  # a request the source skips has no reference either
+            continue
+        queries.append((full, v, exclude))
+        if len(queries) >= max_queries:
+            break
+    if not queries:
+        return {"source": ann.name, "queries": 0}
+    x = np.asarray(ann.item_vectors(), dtype=np.float32)
+    if ann.metric == "angular":
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    sq = (x * x).sum(axis=1) if ann.metric == "euclidean" else None
+    ex_ms, ann_ms, recall = [], [], []
+    with threadpool_limits(1):
+        for full, v, exclude in queries:
+            q = v / max(float(np.linalg.norm(v)), 1e-12) if ann.metric == "angular" else v
+            t0 = time.perf_counter()
+            s = x @ q
+            if sq is not None:
+                s = 2.0 * s - sq  # -(|x - q|^2) up to a constant
+            n = min(x.shape[0] - 1, k + exclude.size)
+            top = np.argpartition(-s, n)[:n]
+            top = top[np.argsort(-s[top], kind="stable")]
+            ex_ms.append((time.perf_counter() - t0) * 1000.0)
+            top = top[~np.isin(top, exclude)][:k]
+            t0 = time.perf_counter()
+            got, _ = ann.retrieve(full, k, Deadline.in_ms(10_000))
+            ann_ms.append((time.perf_counter() - t0) * 1000.0)
+            rows = ann.item_index().to_dense(got)
+            recall.append(np.intersect1d(rows, top).size / max(top.size, 1))
+    ex, an = np.asarray(ex_ms), np.asarray(ann_ms)
+    return {
+        "source": ann.name,
+        "backend": getattr(ann, "backend", "annoy"),
+        "queries": len(queries),
+        "items": int(x.shape[0]),
+        "k": k,
+        "exact_p50_ms": _pct(ex, 50),
+        "exact_p99_ms": _pct(ex, 99),
+        "ann_p50_ms": _pct(an, 50),
+        "ann_p99_ms": _pct(an, 99),
+        "exact_over_ann_p50": round(float(np.median(ex) / max(np.median(an), 1e-9)), 2),
+        f"recall_at_{k}": round(float(np.mean(recall)), 4),
+    }
+
+
+def format_result(d: dict[str, Any]) -> str:
+    lines = [
+        f"blend(): {d['requests']} requests at concurrency {d['concurrency']}: "
+        f"p50 {d['p50_ms']:.2f} ms  p95 {d['p95_ms']:.2f} ms  p99 {d['p99_ms']:.2f} ms  "
+        f"{d['qps']:.0f} blends/s  ({d['mean_candidates']:.0f} candidates on average)",
+        f"process RSS after warm-up and the run: {d['rss_mb']:.0f} MB, of which "
+        f"{d['rss_anon_mb']:.0f} MB private (the rest: mmapped artifacts in the shared page "
+        f"cache); peak {d['rss_peak_mb']:.0f} MB",
+        f"{'source':<14} {'p50 ms':>8} {'p99 ms':>8} {'timeouts':>9} {'errors':>7} {'skipped':>8}",
+    ]
+    for name, s in d["sources"].items():
+        lines.append(
+            f"{name:<14} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f} {s['timeouts']:>9} "
+            f"{s['errors']:>7} {s['skipped']:>8}"
+        )
+    e = d.get("exact") or {}
+    if e.get("queries"):
+        rk = next(key for key in e if key.startswith("recall_at_"))
+        lines.append(
+            f"exact top-{e['k']} inner product over {e['items']:,} items (numpy, 1 thread, "
+            f"{e['queries']} queries): p50 {e['exact_p50_ms']:.2f} ms  p99 "
+            f"{e['exact_p99_ms']:.2f} ms; {e['source']} ({e['backend']}) p50 "
+            f"{e['ann_p50_ms']:.2f} ms  p99 {e['ann_p99_ms']:.2f} ms: exact/ann = "
+            f"{e['exact_over_ann_p50']:.1f}x; {rk.replace('_at_', '@')} {e[rk]:.3f}"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""ANN with the faiss backend: exact when every list is probed, validated sidecar, contract."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from retrieval.artifacts import ArtifactError
+from retrieval.types import Deadline, Request
+from sources.ann import AnnSource
+from sources.ann_faiss import default_nlist, default_nprobe
+from tests.contract import SourceContract
+from tests.test_ann import DIMS, N_ITEMS, T0, build, open_source, write_events
+
+pytest.importorskip("faiss")
+
+
+@pytest.fixture
+def log(tmp_path):
+    rows = [(u, (u * 7 + j) % 30, T0 + j) for u in range(30) for j in range(5)]
+    return write_events(tmp_path / "events.csv", rows)
+
+
+@pytest.fixture
+def emb(tmp_path) -> tuple[Path, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(N_ITEMS, DIMS)).astype(np.float32)
+    ids = np.arange(500, 500 + N_ITEMS)[rng.permutation(N_ITEMS)]
+    np.save(tmp_path / "emb.npy", x)
+    np.save(tmp_path / "emb_ids.npy", ids)
+    return tmp_path, x, ids
+
+
+def faiss_params(d: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "embeddings": str(d / "emb.npy"),
+        "embedding_ids": str(d / "emb_ids.npy"),
+        "backend": "faiss",
+        "nlist": 8,
+        "nprobe": 8,  # = nlist: every list is scanned, the search is exact
+        **extra,
+    }
+
+
+class TestFaissContract(SourceContract):
+    def make_source(self, tmp_path):
+        rows = [(u, (u * 7 + j) % 30, T0 + j) for u in range(30) for j in range(5)]
+        events = write_events(tmp_path / "e.csv", rows)
+        root, p = build(tmp_path, events, factors=4, iterations=3, backend="faiss", nlist=4)
+        return open_source(root, p)
+
+    def known_request(self):
+        return Request(user_id=3)
+
+
+@pytest.mark.parametrize(
+    ("metric", "storage"),
+    [("angular", "flat"), ("dot", "flat"), ("euclidean", "flat"), ("angular", "sq8")],
+)
+def test_all_lists_probed_is_exact_search(emb, log, metric, storage):
+    d, x, ids = emb
+    root, p = build(d, log, **faiss_params(d, metric=metric, storage=storage))
+    source = open_source(root, p)
+    q = np.random.default_rng(2).normal(size=DIMS).astype(np.float32)
+    got, scores = source.retrieve(Request(vector=q), 10, Deadline.in_ms(1000))
+    if metric == "angular":
+        truth = (x / np.linalg.norm(x, axis=1, keepdims=True)) @ (q / np.linalg.norm(q))
+    elif metric == "dot":
+        truth = x @ q
+    else:
+        truth = -np.linalg.norm(x - q, axis=1)
+    best = np.argsort(-truth)[:10]
+    assert got.tolist() == ids[best].tolist()
+    np.testing.assert_allclose(scores, truth[best], rtol=1e-3, atol=1e-3)
+
+
+def test_sidecar_mismatch_is_a_clear_error(emb, log):
+    d, _, _ = emb
+    root, p = build(d, log, **faiss_params(d))
+    side = root / "ann" / "ann.json"
+    meta = json.loads(side.read_text())
+    for change, pattern in (
+        ({"dims": DIMS * 2}, r"expected \(120, 16\)"),
+        ({"n_items": N_ITEMS + 1}, r"121"),
+        ({"nlist": 99}, "nlist"),
+        ({"index_bytes": 12}, "bytes"),
+        ({"nlist": None}, "nlist"),
+    ):
+        side.write_text(json.dumps({**meta, **change}))
+        with pytest.raises(ArtifactError, match=pattern):
+            open_source(root, p)
+    side.write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="backend"):
+        open_source(root, p.model_copy(update={"backend": "annoy"}))
+    (root / "ann" / "index.faiss").write_bytes(b"x" * meta["index_bytes"])
+    with pytest.raises(ArtifactError, match="faiss cannot read"):
+        open_source(root, p)
+
+
+def test_tight_deadline_lowers_nprobe(emb, log):
+    d, _, _ = emb
+    root, p = build(d, log, **faiss_params(d))
+    source = open_source(root, p)
+    assert source.nprobe(10, Deadline.in_ms(1000)) == 8
+    assert source.nprobe(10, Deadline.in_ms(0.5)) < 8
+    got, _ = source.retrieve(Request(vector=np.ones(DIMS)), 10, Deadline.in_ms(0.01))
+    assert 0 < got.size <= 10
+
+
+def test_balanced_lists_cut_the_largest_list(tmp_path, log):
+    """Zipf-sized clusters: plain k-means leaves the big ones a few lists of 3x the mean."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(140, 16))
+    p = 1.0 / np.arange(1, 141) ** 0.7
+    x = centres[rng.choice(140, size=20_000, p=p / p.sum())] + 0.6 * rng.normal(size=(20_000, 16))
+    np.save(tmp_path / "emb.npy", x.astype(np.float32))
+    np.save(tmp_path / "emb_ids.npy", np.arange(x.shape[0]))
+    stats = {}
+    for balance in (False, True):
+        params = faiss_params(tmp_path, nlist=64, balance_lists=balance)
+        root, built = build(tmp_path, log, **params)
+        stats[balance] = json.loads((root / "ann" / "ann.json").read_text())
+        assert isinstance(open_source(root, built), AnnSource)
+    assert stats[True]["list_size_max"] < 0.8 * stats[False]["list_size_max"]
+
+
+def test_defaults_grow_with_the_catalogue():
+    assert default_nlist(1_000_000) == 4000
+    assert default_nlist(10) == 1
+    assert default_nprobe(4000, 1_000_000) == 160  # 40 x k = 40,000 vectors of 250 per list
+    assert default_nprobe(8, 100) == 8
