@@ -32,12 +32,12 @@ from pydantic import Field
 from threadpoolctl import threadpool_limits
 
 from retrieval.artifacts import ArtifactError, IdMap
+from retrieval.events import DEFAULT_EVENT_WEIGHTS, event_weight_vector
 from retrieval.types import Deadline, Request, as_id_array
 from sources.ann_faiss import INDEX as FAISS_INDEX
 from sources.ann_faiss import FaissIVF, build_ivf, default_nprobe
 from sources.base import Ranked, SkipSource, Source, SourceContext, SourceParams
 from sources.history import weighted_history
-from sources.popularity import DEFAULT_EVENT_WEIGHTS, event_weight_vector
 
 if TYPE_CHECKING:
     from retrieval.events import EventLog

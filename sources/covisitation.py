@@ -21,13 +21,12 @@ import scipy.sparse as sp
 from pydantic import Field
 
 from retrieval.artifacts import CSR, save_csr
-from retrieval.events import EventLog
+from retrieval.events import DEFAULT_EVENT_WEIGHTS, EventLog, event_weight_vector
 from sources.base import Need, SourceParams
 from sources.neighbours import NeighbourSource, top_k_per_row
 
-__all__ = ["CovisitationParams", "CovisitationSource", "count_pairs", "event_weight_vector"]
+__all__ = ["CovisitationParams", "CovisitationSource", "count_pairs"]
 
-DEFAULT_EVENT_WEIGHTS = {"click": 1.0, "cart": 3.0, "order": 6.0}
 # Pairs held in memory per partition while reducing; sets how many partitions a build spills to.
 _PAIRS_PER_PARTITION = 60_000_000
 
@@ -49,19 +48,6 @@ class CovisitationParams(SourceParams):
     backend: Literal["local", "redis"] = "local"  # redis: rows pushed by `retrieval push`
 
     serving_params = frozenset({"history", "recency_decay", "chunk_events", "backend"})
-
-
-def event_weight_vector(
-    events: EventLog, event_weights: dict[str, float]
-) -> npt.NDArray[np.float64]:
-    """Each event's weight: its ``weight`` column times its type's weight (unknown types: 1)."""
-    w = np.asarray(events.weights, dtype=np.float64)
-    if events.event_types is not None and events.event_type_names:
-        per_type = np.array(
-            [float(event_weights.get(n, 1.0)) for n in events.event_type_names], dtype=np.float64
-        )
-        w = w * per_type[events.event_types]
-    return w
 
 
 def _sessions(

@@ -19,9 +19,8 @@ from pydantic import Field
 from threadpoolctl import threadpool_limits
 
 from retrieval.artifacts import CSR, save_csr
-from retrieval.events import EventLog
+from retrieval.events import DEFAULT_EVENT_WEIGHTS, EventLog, event_weight_vector
 from sources.base import Need, SourceParams
-from sources.covisitation import DEFAULT_EVENT_WEIGHTS, event_weight_vector
 from sources.neighbours import NeighbourSource, top_k_per_row
 
 __all__ = ["ItemCFParams", "ItemCFSource", "similarity_to_csr", "user_item_matrix"]

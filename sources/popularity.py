@@ -23,21 +23,20 @@ import numpy.typing as npt
 from pydantic import Field
 
 from retrieval.artifacts import CSR, ArtifactError, IdMap, load_csr, save_csr
+from retrieval.events import DEFAULT_EVENT_WEIGHTS, event_weight_vector
 from retrieval.types import Deadline, Request, as_id_array
 from sources.base import Ranked, Source, SourceContext, SourceParams
 
 if TYPE_CHECKING:
     from retrieval.events import EventLog
 
-__all__ = ["PopularityParams", "PopularitySource", "event_weight_vector"]
+__all__ = ["PopularityParams", "PopularitySource"]
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _DAY_S = 86_400.0
 _DENSE_KEYS_LIMIT = 1 << 25  # a bincount of this many float64 slots is 256 MB: beyond, np.unique
-
-DEFAULT_EVENT_WEIGHTS: dict[str, float] = {"click": 1.0, "cart": 3.0, "order": 6.0}
 
 
 class PopularityParams(SourceParams):
@@ -53,21 +52,6 @@ class PopularityParams(SourceParams):
     live_top: int = Field(100, ge=0)
 
     serving_params = frozenset({"live_top"})  # live_weight stays hashed: older builds match
-
-
-def event_weight_vector(
-    events: EventLog, event_weights: Mapping[str, float]
-) -> npt.NDArray[np.float64]:
-    """Each event's weight: its own weight column times its type's weight (unknown types: 1)."""
-    w = np.asarray(events.weights, dtype=np.float64)
-    if events.event_types is not None and len(events.event_type_names):
-        per_type = np.array(
-            [float(event_weights.get(n, 1.0)) for n in events.event_type_names], dtype=np.float64
-        )
-        codes = np.asarray(events.event_types)
-        ok = codes >= 0
-        w = w * np.where(ok, per_type[np.where(ok, codes, 0)], 1.0)
-    return w
 
 
 def _aggregate(

@@ -21,7 +21,7 @@ from sources.history import weighted_history
 
 __all__ = ["RecentParams", "RecentSource"]
 
-DEFAULT_EVENT_WEIGHTS: dict[str, float] = {"click": 1.0, "cart": 3.0, "order": 6.0}
+from retrieval.events import DEFAULT_EVENT_WEIGHTS
 
 
 class RecentParams(SourceParams):
