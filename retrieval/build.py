@@ -12,12 +12,19 @@ from typing import Any
 
 from tqdm import tqdm
 
-from retrieval.artifacts import ArtifactWriter, Manifest, fingerprint
+from retrieval.artifacts import ArtifactWriter, Manifest, check_source, fingerprint, params_hash
 from retrieval.config import RetrievalConfig, SourceConfig
 from retrieval.events import EventLog, read_events
 from sources.base import SourceParams
 
-__all__ = ["BuildRow", "build", "build_params_hash_input", "format_summary", "needed_segments"]
+__all__ = [
+    "BuildRow",
+    "build",
+    "build_params_hash_input",
+    "check_built",
+    "format_summary",
+    "needed_segments",
+]
 
 logger = logging.getLogger(__name__)
 PACKAGE_VERSION = "0.1.0"
@@ -38,6 +45,12 @@ def build_params_hash_input(params: SourceParams) -> dict[str, Any]:
     for key in getattr(type(params), "serving_params", frozenset()):
         data.pop(key, None)
     return data
+
+
+def check_built(manifest: Manifest, sc: SourceConfig) -> None:
+    """Refuse artifacts of source ``sc`` that were built for other build params."""
+    hashed = params_hash(sc.kind, build_params_hash_input(sc.resolved_params))
+    check_source(manifest, sc.name, sc.kind, hashed)
 
 
 def needed_segments(config: RetrievalConfig) -> list[str]:

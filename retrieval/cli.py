@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from retrieval.artifacts import ArtifactError
-from retrieval.config import ConfigError, load_config
+from retrieval.config import ConfigError, RetrievalConfig, load_config
 
 __all__ = ["main"]
 
@@ -59,15 +59,18 @@ def _blend(args: argparse.Namespace) -> int:
     return 0
 
 
+def _artifacts_dir(config: RetrievalConfig) -> Path:
+    """Where outputs go when no --out is given: the config's own artifacts directory."""
+    if config.artifacts is None:
+        raise ValueError("no --out given and the config sets no 'artifacts:' directory")
+    return config.resolve_path(config.artifacts)
+
+
 def _build(args: argparse.Namespace) -> int:
     from retrieval.build import build, format_summary
 
     config = load_config(args.config)
-    out = args.out
-    if out is None:
-        if config.artifacts is None:
-            raise ValueError("no --out given and the config sets no 'artifacts:' directory")
-        out = config.resolve_path(config.artifacts)
+    out = args.out or _artifacts_dir(config)
     t0 = time.perf_counter()
     rows = build(config, args.events, out, only=args.only)
     from retrieval.artifacts import open_artifacts
@@ -181,11 +184,7 @@ def _tune(args: argparse.Namespace) -> int:
     from retrieval.events import read_events
 
     config = load_config(args.config)
-    out = args.out
-    if out is None:
-        if config.artifacts is None:
-            raise ValueError("no --out given and the config sets no 'artifacts:' directory")
-        out = config.resolve_path(config.artifacts) / CALIBRATION_FILE
+    out = args.out or _artifacts_dir(config) / CALIBRATION_FILE
     events = read_events(args.events, config.events.columns, needed_segments(config))
     calibration = calibrate(
         config,

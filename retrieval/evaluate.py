@@ -8,6 +8,7 @@ exclusions the blend applies) and for the blend.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import sys
@@ -118,19 +119,12 @@ def compact(events: EventLog) -> EventLog:
     """
     item_codes, items = np.unique(events.items, return_inverse=True)
     user_codes, users = np.unique(events.users, return_inverse=True)
-    return EventLog(
+    return dataclasses.replace(
+        events,
         users=users.astype(np.int32).ravel(),
         items=items.astype(np.int32).ravel(),
-        timestamps=events.timestamps,
-        weights=events.weights,
-        event_types=events.event_types,
-        event_type_names=events.event_type_names,
-        sessions=events.sessions,
-        segments=events.segments,
-        segment_values=events.segment_values,
         user_ids=IdMap(np.asarray(events.user_ids.to_external(user_codes))),
         item_ids=IdMap(np.asarray(events.item_ids.to_external(item_codes))),
-        path=events.path,
     )
 
 

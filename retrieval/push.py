@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.artifacts import CSR, IdMap, check_source, load_csr, open_artifacts, params_hash
-from retrieval.build import build_params_hash_input
+from retrieval.artifacts import CSR, IdMap, load_csr, open_artifacts
+from retrieval.build import check_built
 from retrieval.config import RetrievalConfig
 from retrieval.rows import pack_row
 from retrieval.store import redact
@@ -72,8 +72,7 @@ def push(
         raise ValueError(f"no source of kinds {PUSHABLE_KINDS} in the config: nothing to push")
     manifest = open_artifacts(artifacts)
     for sc in wanted:  # never publish lists built for another config
-        hashed = params_hash(sc.kind, build_params_hash_input(sc.resolved_params))
-        check_source(manifest, sc.name, sc.kind, hashed)
+        check_built(manifest, sc)
     items = IdMap.load(Path(artifacts) / "ids" / "items.npy")
     client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     results = []

@@ -22,8 +22,8 @@ from blender.breaker import CircuitBreaker
 from blender.calibration import CALIBRATION_FILE, Calibration
 from blender.fanout import Blender, SourceSlot
 from blender.filters import load_blocklist
-from retrieval.artifacts import check_source, open_artifacts, params_hash
-from retrieval.build import build_params_hash_input
+from retrieval.artifacts import open_artifacts
+from retrieval.build import check_built
 from retrieval.cache import CacheFormatError, cache_key, decode_result, encode_result
 from retrieval.config import ConfigError, RetrievalConfig, load_config
 from retrieval.store import Event, MemoryStore, Store
@@ -419,12 +419,7 @@ def _check_artifacts(config: RetrievalConfig, artifacts: Path) -> str:
         return ""
     manifest = open_artifacts(artifacts)
     for sc in learning:
-        check_source(
-            manifest,
-            sc.name,
-            sc.kind,
-            params_hash(sc.kind, build_params_hash_input(sc.resolved_params)),
-        )
+        check_built(manifest, sc)
     return manifest.created_at
 
 
