@@ -243,3 +243,13 @@ def test_iteration_yields_light_views_and_json(blenders):
     d = res.to_dict()
     assert d["candidates"][0]["item_id"] == "x"
     assert res.to_json().startswith("{")
+
+
+def test_blocklist_file_and_a_missing_one(tmp_path):
+    from blender.filters import load_blocklist
+
+    path = tmp_path / "blocked.txt"
+    path.write_text("# never show these\n7\n\nsku-9  # a string id\n-3\n")
+    assert sorted(load_blocklist(path).tolist()) == ["-3", "7", "sku-9"]
+    with pytest.raises(ValueError, match=r"blend\.blocklist: cannot read"):
+        load_blocklist(tmp_path / "nope.txt")
