@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 import scipy.sparse as sp
 from pydantic import Field
 from threadpoolctl import threadpool_limits
@@ -23,7 +24,13 @@ from retrieval.events import DEFAULT_EVENT_WEIGHTS, EventLog, event_weight_vecto
 from sources.base import Need, SourceParams
 from sources.neighbours import NeighbourSource, top_k_per_row
 
-__all__ = ["ItemCFParams", "ItemCFSource", "similarity_to_csr", "user_item_matrix"]
+__all__ = [
+    "ItemCFParams",
+    "ItemCFSource",
+    "recent_items_mask",
+    "similarity_to_csr",
+    "user_item_matrix",
+]
 
 
 _BLOCKWISE_ITEMS = 2_000_000
@@ -37,6 +44,9 @@ class ItemCFParams(SourceParams):
     event_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
     history: int = Field(20, ge=1, le=10_000)
     recency_decay: float = Field(0.9, gt=0, le=1)
+    # Heavy users (crawlers, shared accounts) add n^2 item pairs each and mostly noise: only
+    # each user's most recently touched items count. None: every item of every user.
+    max_user_items: int | None = Field(500, ge=2)
     backend: Literal["local", "redis"] = "local"  # redis: rows pushed by `retrieval push`
     # None: block-wise (sources.itemcf_blocks) above 2M items, where implicit's one-piece fit
     # needs tens of GB; the neighbours are the same either way, so it is not a build param.
@@ -45,8 +55,13 @@ class ItemCFParams(SourceParams):
     serving_params = frozenset({"history", "recency_decay", "backend", "blockwise"})
 
 
-def user_item_matrix(events: EventLog, event_weights: dict[str, float]) -> sp.csr_matrix:
-    """Users x items, each cell the summed weight of that user's events on that item."""
+def user_item_matrix(
+    events: EventLog, event_weights: dict[str, float], max_user_items: int | None = None
+) -> sp.csr_matrix:
+    """Users x items, each cell the summed weight of that user's events on that item (only
+    the ``max_user_items`` most recently touched items of each user)."""
+    if max_user_items is not None:
+        events = events.subset(recent_items_mask(events, max_user_items))
     w = event_weight_vector(events, event_weights).astype(np.float32)
     m = sp.csr_matrix(
         (w, (events.users, events.items)),
@@ -55,6 +70,31 @@ def user_item_matrix(events: EventLog, event_weights: dict[str, float]) -> sp.cs
     )
     m.sum_duplicates()
     return m
+
+
+def recent_items_mask(events: EventLog, cap: int) -> npt.NDArray[np.bool_]:
+    """The events on each user's ``cap`` most recently touched distinct items.
+
+    Only users with more than ``cap`` events can exceed ``cap`` items, so the sort below runs on
+    their events alone (the log is sorted by user and time: a later index is a later touch).
+    """
+    users = events.users
+    heavy = np.flatnonzero(np.bincount(users, minlength=len(events.user_ids))[users] > cap)
+    mask = np.ones(len(events), dtype=bool)
+    if heavy.size == 0:
+        return mask
+    key = (users[heavy].astype(np.int64) << 32) | events.items[heavy]
+    # Latest touch of each (user, item): its first occurrence in the reversed events.
+    uniq, first_rev = np.unique(key[::-1], return_index=True)
+    last_touch = heavy.size - 1 - first_rev
+    owner = uniq >> 32
+    order = np.lexsort((-last_touch, owner))  # per user, latest touch first
+    counts = np.bincount(owner[order] - owner.min())
+    counts = counts[counts > 0]
+    rank = np.arange(order.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    kept = np.sort(uniq[order[rank < cap]])
+    mask[heavy] = np.isin(key, kept, assume_unique=False, kind="sort")
+    return mask
 
 
 def _fit_similarity(matrix: sp.csr_matrix, params: ItemCFParams) -> sp.csr_matrix:
@@ -125,7 +165,7 @@ class ItemCFSource(NeighbourSource):
         progress: Callable[[int], None] | None = None,
     ) -> dict[str, Any]:
         assert isinstance(params, ItemCFParams)
-        matrix = user_item_matrix(events, params.event_weights)
+        matrix = user_item_matrix(events, params.event_weights, params.max_user_items)
         if progress is not None:
             progress(len(events) // 2)
         blockwise = params.blockwise
@@ -135,7 +175,13 @@ class ItemCFSource(NeighbourSource):
             from sources.itemcf_blocks import blockwise_similarity, weighted_matrix
 
             w = weighted_matrix(matrix, params.model, params.bm25_k1, params.bm25_b)
-            csr = blockwise_similarity(w, params.neighbours)
+            half = len(events) // 2
+
+            def blocks_done(fraction: float) -> None:
+                if progress is not None:
+                    progress(half + int(fraction * half))
+
+            csr = blockwise_similarity(w, params.neighbours, progress=blocks_done)
         else:
             csr = similarity_to_csr(_fit_similarity(matrix, params), params.neighbours)
         save_csr(out_dir, csr)

@@ -5,7 +5,7 @@ import pytest
 
 from retrieval.events import read_events
 from retrieval.types import Deadline, Request
-from sources.itemcf import ItemCFParams, ItemCFSource, user_item_matrix
+from sources.itemcf import ItemCFParams, ItemCFSource, recent_items_mask, user_item_matrix
 from tests.builds import build_source
 from tests.contract import SourceContract
 
@@ -90,8 +90,8 @@ def test_blockwise_equals_implicit(tmp_path, model):
     src = build_source(tmp_path, ItemCFSource, params, rows)
     events = read_events(tmp_path / "src.csv")
     w = weighted_matrix(user_item_matrix(events, {}), model)
-    for budget in (50, 10**9):  # many small blocks, and one
-        csr = blockwise_similarity(w, 7, budget=budget)
+    for block_items in (1, 7, 10**6):  # one item per block, uneven blocks, one block
+        csr = blockwise_similarity(w, 7, block_items=block_items)
         np.testing.assert_array_equal(csr.indptr, src.csr.indptr)
         for item in range(w.shape[1]):
             got_i, got_s = csr.row(item)
@@ -100,3 +100,29 @@ def test_blockwise_equals_implicit(tmp_path, model):
             # same items, except where float rounding reorders (near-)equal scores
             cut = ref_s[-1] + 1e-5 if ref_s.size else 0.0
             assert set(got_i[got_s > cut].tolist()) == set(ref_i[ref_s > cut].tolist())
+
+
+def test_heavy_users_count_only_their_most_recent_items(tmp_path):
+    # user "a": items 100..109 in time order, then 100 again (so 100 is among its latest);
+    # user "b": two items only, under the cap.
+    rows = [f"a,{100 + i},{t}" for t, i in enumerate(range(10))] + ["a,100,50", "a,109,51"]
+    rows += ["b,105,60", "b,106,61"]
+    src = build_source(tmp_path, ItemCFSource, ItemCFParams(max_user_items=3), rows)
+    events = read_events(tmp_path / "src.csv")
+    mask = recent_items_mask(events, 3)
+    users = events.user_ids.to_external(events.users[mask]).tolist()
+    items = events.item_ids.to_external(events.items[mask]).tolist()
+    kept = {(str(u), str(i)) for u, i in zip(users, items, strict=True)}
+    assert kept == {("a", "100"), ("a", "109"), ("a", "108"), ("b", "105"), ("b", "106")}
+    assert int(mask.sum()) == 7  # both events on 100 and on 109 count, as uncapped
+    capped = user_item_matrix(events, {}, max_user_items=3)
+    assert capped.getnnz() == 5
+    # Item 101 was only touched by "a", long ago: it no longer has neighbours; 100 has two.
+    dense = events.item_ids.to_dense(np.array([101, 100]))
+    assert src.csr.row(int(dense[0]))[0].size == 0
+    neighbours = events.item_ids.to_external(src.csr.row(int(dense[1]))[0]).tolist()
+    assert sorted(neighbours) == [108, 109]
+    uncapped = ItemCFParams(max_user_items=None)
+    (tmp_path / "full").mkdir()
+    full = build_source(tmp_path / "full", ItemCFSource, uncapped, rows)
+    assert full.csr.row(int(dense[0]))[0].size == 9
