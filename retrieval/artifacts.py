@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
+    "prefetch_page_cache",
     "CSR",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
@@ -386,6 +388,34 @@ def fingerprint(path: Path) -> dict[str, Any]:
         "mtime": float(st.st_mtime),
         "sha256_head_tail": h.hexdigest(),
     }
+
+
+def prefetch_page_cache(directory: Path) -> threading.Thread:
+    """Ask the kernel to read every artifact file into the page cache, in the background.
+
+    Serving maps artifacts instead of reading them, so a cold page cache turns the first
+    requests' lookups into random disk reads (a 1M-item faiss index answered in 10-190 ms
+    instead of 2 ms, and its breaker opened). Read-ahead fills the shared page cache only: the
+    process's RSS does not grow until a page is used.
+    """
+
+    def advise() -> None:
+        for root, _, files in os.walk(directory, followlinks=True):
+            for name in files:
+                try:
+                    fd = os.open(os.path.join(root, name), os.O_RDONLY)
+                except OSError:
+                    continue
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+                except OSError:
+                    pass
+                finally:
+                    os.close(fd)
+
+    thread = threading.Thread(target=advise, name="prefetch-artifacts", daemon=True)
+    thread.start()
+    return thread
 
 
 def open_artifacts(directory: Path) -> Manifest:

@@ -112,6 +112,7 @@ class SourceStats:
     timeouts: int = 0
     errors: int = 0
     skipped: int = 0
+    first_error: str | None = None  # a count alone does not say what to fix
 
 
 @dataclass
@@ -147,6 +148,7 @@ class BenchResult:
                     "timeouts": s.timeouts,
                     "errors": s.errors,
                     "skipped": s.skipped,
+                    "first_error": s.first_error,
                 }
                 for name, s in self.sources.items()
             },
@@ -195,6 +197,7 @@ def run_bench(retriever: Any, requests: list[Request], concurrency: int) -> Benc
                 s.skipped += 1
             else:
                 s.errors += 1
+                s.first_error = s.first_error or rep.error
     returned = float(np.mean([len(r) for r in results])) if results else 0.0
     return BenchResult(len(requests), concurrency, lat, seconds, rss, peak, anon, stats, returned)
 
@@ -275,6 +278,9 @@ def format_result(d: dict[str, Any]) -> str:
             f"{name:<14} {s['p50_ms']:>8.2f} {s['p99_ms']:>8.2f} {s['timeouts']:>9} "
             f"{s['errors']:>7} {s['skipped']:>8}"
         )
+    for name, s in d["sources"].items():
+        if s.get("first_error"):
+            lines.append(f"{name}: first error: {s['first_error']}")
     e = d.get("exact") or {}
     if e.get("queries"):
         rk = next(key for key in e if key.startswith("recall_at_"))

@@ -22,7 +22,7 @@ from blender.breaker import CircuitBreaker
 from blender.calibration import CALIBRATION_FILE, Calibration
 from blender.fanout import Blender, SourceSlot
 from blender.filters import load_blocklist
-from retrieval.artifacts import open_artifacts
+from retrieval.artifacts import open_artifacts, prefetch_page_cache
 from retrieval.build import check_built
 from retrieval.cache import CacheFormatError, cache_key, decode_result, encode_result
 from retrieval.config import ConfigError, RetrievalConfig, load_config
@@ -49,6 +49,7 @@ class Retriever:
         manifest_stamp = ""
         if artifacts is not None:
             manifest_stamp = _check_artifacts(config, artifacts)
+            prefetch_page_cache(artifacts)
         # The result cache's version: a new build or a config change never serves old results.
         config_json = config.model_dump_json(exclude={"store": {"url"}})
         self._version = hashlib.blake2b(

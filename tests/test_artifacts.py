@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -240,3 +241,33 @@ def test_check_source(tmp_path: Path) -> None:
         check_source(m, "covis", "itemcf", good)
     with pytest.raises(ArtifactError, match="no artifacts in this build"):
         check_source(m, "ann", "ann", good)
+
+
+def test_prefetch_advises_every_file_through_links_and_skips_broken_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from retrieval.artifacts import prefetch_page_cache
+
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "scores.npy").write_bytes(b"x" * 100)
+    serving = tmp_path / "serving"
+    serving.mkdir()
+    (serving / "manifest.json").write_text("{}")
+    (serving / "covisit").symlink_to(part)  # how large_catalog.py merges per-source builds
+    (serving / "gone").symlink_to(tmp_path / "nowhere")
+    advised: list[tuple[str, int]] = []
+    real = os.posix_fadvise
+
+    def spy(fd: int, offset: int, length: int, advice: int) -> None:
+        advised.append((os.readlink(f"/proc/self/fd/{fd}"), advice))
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", spy)
+    prefetch_page_cache(serving).join(timeout=10)
+    assert sorted(advised) == sorted(
+        [
+            (str(serving / "manifest.json"), os.POSIX_FADV_WILLNEED),
+            (str(part / "scores.npy"), os.POSIX_FADV_WILLNEED),
+        ]
+    )
