@@ -58,14 +58,33 @@ def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run(cmd: list[str]) -> tuple[float, float]:
-    """Run a child to completion: (seconds, its peak RSS in MB)."""
+def run(cmd: list[str], what: str, heartbeat_s: float = 30.0) -> tuple[float, float]:
+    """Run a child to completion: (seconds, its peak RSS in MB). Says how it is doing every
+    ``heartbeat_s`` (elapsed time, RSS), so a log of a background run shows progress."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
+    next_beat = t0 + heartbeat_s
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        time.sleep(0.2)
+        if time.perf_counter() >= next_beat:
+            next_beat += heartbeat_s
+            say(f"{what}: {time.perf_counter() - t0:.0f}s so far, RSS {_rss_mb(proc.pid):.0f} MB")
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"failed: {' '.join(cmd)}")
     return time.perf_counter() - t0, usage.ru_maxrss / 1024.0
+
+
+def _rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return float("nan")
 
 
 def merge(work: Path) -> Path:
@@ -119,7 +138,7 @@ def main() -> None:
             f"synthesize(Path('{work}/events.tmp.parquet'), n_items={args.items}, "
             f"n_users={users}, n_events={args.events}, seed=0, progress=True)"
         )
-        seconds, peak = run([sys.executable, "-c", code])
+        seconds, peak = run([sys.executable, "-c", code], "synthesize")
         for suffix in ("items.parquet", "embeddings.npy", "embedding_ids.npy"):
             (work / f"events.tmp.{suffix}").rename(work / f"events.{suffix}")
         (work / "events.tmp.parquet").rename(log)
@@ -141,7 +160,7 @@ def main() -> None:
             continue
         say(f"building {name} ...")
         cmd = [sys.executable, "-m", "retrieval.cli", "build", str(cfg), "--events", str(log)]
-        seconds, peak = run([*cmd, "--out", str(part), "--only", name])
+        seconds, peak = run([*cmd, "--out", str(part), "--only", name], f"build {name}")
         summary["build"][name] = {"seconds": round(seconds, 1), "peak_rss_mb": round(peak)}
         say(f"{name}: {seconds:.0f}s, peak RSS {peak:.0f} MB")
         save()
@@ -154,7 +173,7 @@ def main() -> None:
             cmd += ["--artifacts", str(artifacts), "--events", str(log)]
             cmd += ["--requests", str(args.requests), "--concurrency", str(c), "--json", str(out)]
             cmd += ["--exact-queries", "200" if c == 1 else "0"]
-            seconds, peak = run(cmd)
+            seconds, peak = run(cmd, f"bench c{c}")
             summary[f"bench_c{c}_process"] = {"seconds": round(seconds, 1), "peak_rss_mb": peak}
         summary[f"bench_c{c}"] = json.loads(out.read_text())
         save()

@@ -19,6 +19,7 @@ import gc
 import multiprocessing
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,14 @@ from threadpoolctl import threadpool_limits
 from retrieval.config import RetrievalConfig
 from retrieval.types import Deadline, Request, SourceStatus
 
-__all__ = ["BenchResult", "exact_reference", "rss_mb", "run_bench", "sample_requests"]
+__all__ = [
+    "BenchResult",
+    "exact_reference",
+    "rss_mb",
+    "run_bench",
+    "run_bench_processes",
+    "sample_requests",
+]
 
 _HISTORY = 50  # events of history per request (sources read their own 20-50 of them)
 _WARM_UP = 50
@@ -126,6 +134,7 @@ class BenchResult:
     rss_anon_mb: float
     sources: dict[str, SourceStats]
     returned: float
+    processes: int = 1
     exact: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -133,6 +142,7 @@ class BenchResult:
         return {
             "requests": self.requests,
             "concurrency": self.concurrency,
+            "processes": self.processes,
             "p50_ms": _pct(lat, 50),
             "p95_ms": _pct(lat, 95),
             "p99_ms": _pct(lat, 99),
@@ -143,6 +153,7 @@ class BenchResult:
             "mean_candidates": round(self.returned, 1),
             "sources": {
                 name: {
+                    "ok": len(s.latencies),
                     "p50_ms": _pct(np.asarray(s.latencies), 50),
                     "p99_ms": _pct(np.asarray(s.latencies), 99),
                     "timeouts": s.timeouts,
@@ -160,10 +171,19 @@ def _pct(x: npt.NDArray[Any], q: float) -> float:
     return round(float(np.percentile(x, q)), 3) if len(x) else float("nan")
 
 
-def run_bench(retriever: Any, requests: list[Request], concurrency: int) -> BenchResult:
-    """Warm up, then blend every request on ``concurrency`` threads; RSS read right after."""
+def run_bench(
+    retriever: Any,
+    requests: list[Request],
+    concurrency: int,
+    ready: Callable[[], Any] | None = None,
+) -> BenchResult:
+    """Warm up, then blend every request on ``concurrency`` threads; RSS read right after.
+
+    ``ready`` is called between warm-up and timing (the multi-process bench's start line)."""
     for r in requests[:_WARM_UP]:
         retriever.blend(r)
+    if ready is not None:
+        ready()
     lat = np.zeros(len(requests))
     results: list[Any] = [None] * len(requests)
     cursor = iter(range(len(requests)))
@@ -200,6 +220,82 @@ def run_bench(retriever: Any, requests: list[Request], concurrency: int) -> Benc
                 s.first_error = s.first_error or rep.error
     returned = float(np.mean([len(r) for r in results])) if results else 0.0
     return BenchResult(len(requests), concurrency, lat, seconds, rss, peak, anon, stats, returned)
+
+
+def run_bench_processes(
+    config: RetrievalConfig, requests: list[Request], concurrency: int, processes: int
+) -> BenchResult:
+    """The requests split over ``processes`` serving processes, ``concurrency`` threads each.
+
+    How a Python service uses more than one core: the GIL serializes one process's Python work,
+    while processes share the memory-mapped artifacts through the page cache. Every process
+    loads and warms up its own retriever, then all start together; throughput is all requests
+    over the slowest process's time, RSS the largest process's (``rss_anon_mb``: all private
+    memory summed).
+    """
+    ctx = multiprocessing.get_context("spawn")
+    start = ctx.Barrier(processes)
+    results: Any = ctx.Queue()
+    workers = [
+        ctx.Process(
+            target=_serve_share,
+            args=(config, requests[i::processes], concurrency, start, results),
+            daemon=True,
+        )
+        for i in range(processes)
+    ]
+    for w in workers:
+        w.start()
+    parts: list[BenchResult] = []
+    try:
+        for _ in workers:
+            part = results.get(timeout=600)
+            if isinstance(part, BaseException):
+                raise part
+            parts.append(part)
+    finally:
+        start.abort()  # releases the others if one failed before the start line
+        for w in workers:
+            w.join(timeout=10)
+            if w.is_alive():
+                w.terminate()
+    sources: dict[str, SourceStats] = {}
+    for part in parts:
+        for name, st in part.sources.items():
+            acc = sources.setdefault(name, SourceStats())
+            acc.latencies += st.latencies
+            acc.timeouts += st.timeouts
+            acc.errors += st.errors
+            acc.skipped += st.skipped
+            acc.first_error = acc.first_error or st.first_error
+    return BenchResult(
+        requests=sum(p.requests for p in parts),
+        concurrency=concurrency,
+        latencies_ms=np.concatenate([p.latencies_ms for p in parts]),
+        seconds=max(p.seconds for p in parts),
+        rss_mb=max(p.rss_mb for p in parts),
+        rss_peak_mb=max(p.rss_peak_mb for p in parts),
+        rss_anon_mb=sum(p.rss_anon_mb for p in parts),
+        sources=sources,
+        returned=float(np.mean([p.returned for p in parts])),
+        processes=processes,
+    )
+
+
+def _serve_share(
+    config: RetrievalConfig,
+    requests: list[Request],
+    concurrency: int,
+    start: Any,
+    results: Any,
+) -> None:
+    from retrieval.retriever import Retriever
+
+    try:
+        with Retriever(config) as retriever:
+            results.put(run_bench(retriever, requests, concurrency, ready=start.wait))
+    except BaseException as exc:  # the parent re-raises it
+        results.put(exc)
 
 
 def exact_reference(
@@ -264,12 +360,16 @@ def exact_reference(
 
 
 def format_result(d: dict[str, Any]) -> str:
+    processes = d.get("processes", 1)
+    where = "" if processes == 1 else f" in each of {processes} processes"
+    whose = "process RSS" if processes == 1 else "largest process's RSS"
+    private = "private" if processes == 1 else f"private in all {processes} processes together"
     lines = [
-        f"blend(): {d['requests']} requests at concurrency {d['concurrency']}: "
+        f"blend(): {d['requests']} requests at concurrency {d['concurrency']}{where}: "
         f"p50 {d['p50_ms']:.2f} ms  p95 {d['p95_ms']:.2f} ms  p99 {d['p99_ms']:.2f} ms  "
         f"{d['qps']:.0f} blends/s  ({d['mean_candidates']:.0f} candidates on average)",
-        f"process RSS after warm-up and the run: {d['rss_mb']:.0f} MB, of which "
-        f"{d['rss_anon_mb']:.0f} MB private (the rest: mmapped artifacts in the shared page "
+        f"{whose} after warm-up and the run: {d['rss_mb']:.0f} MB; "
+        f"{d['rss_anon_mb']:.0f} MB {private} (the rest: mmapped artifacts in the shared page "
         f"cache); peak {d['rss_peak_mb']:.0f} MB",
         f"{'source':<14} {'p50 ms':>8} {'p99 ms':>8} {'timeouts':>9} {'errors':>7} {'skipped':>8}",
     ]

@@ -101,7 +101,13 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from retrieval.bench import exact_reference, format_result, run_bench, sample_requests
+    from retrieval.bench import (
+        exact_reference,
+        format_result,
+        run_bench,
+        run_bench_processes,
+        sample_requests,
+    )
     from retrieval.retriever import Retriever
 
     config = load_config(args.config)
@@ -110,10 +116,13 @@ def _bench(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     requests = sample_requests(config, artifacts, args.events, args.requests, seed=args.seed)
     print(f"sampled {len(requests)} requests in {time.perf_counter() - t0:.1f}s", flush=True)
+    if args.processes > 1:
+        result = run_bench_processes(config, requests, args.concurrency, args.processes)
     t0 = time.perf_counter()
     with Retriever(config) as retriever:
         print(f"loaded the retriever in {time.perf_counter() - t0:.2f}s", flush=True)
-        result = run_bench(retriever, requests, args.concurrency)
+        if args.processes == 1:
+            result = run_bench(retriever, requests, args.concurrency)
         if args.exact_queries > 0:
             result.exact = exact_reference(
                 retriever, requests, config.k, max_queries=args.exact_queries
@@ -292,7 +301,13 @@ def _parser() -> argparse.ArgumentParser:
     be.add_argument("--artifacts", type=Path, required=True, help="the output of `build`")
     be.add_argument("--events", type=Path, default=None, help="log to sample requests from")
     be.add_argument("--requests", type=_positive, default=2000)
-    be.add_argument("--concurrency", type=_positive, default=1)
+    be.add_argument("--concurrency", type=_positive, default=1, help="threads per process")
+    be.add_argument(
+        "--processes",
+        type=_positive,
+        default=1,
+        help="serving processes sharing the mmapped artifacts (one per core uses every core)",
+    )
     be.add_argument("--exact-queries", type=int, default=200, help="0: skip exact search")
     be.add_argument("--seed", type=int, default=0)
     be.add_argument("--json", type=Path, default=None)

@@ -68,6 +68,15 @@ def test_bench_json_has_the_documented_keys(tmp_path, capsys):
         )
         == 0
     )
+    # two serving processes over the same artifacts: every request answered once, in one of them
+    args = ["bench", str(cfg), "--artifacts", str(tmp_path / "build"), "--events", str(log)]
+    args += ["--requests", "40", "--processes", "2", "--exact-queries", "0", "--json", str(out)]
+    assert main(args) == 0
+    d = json.loads(out.read_text())
+    assert d["processes"] == 2 and d["requests"] == 40 and d["qps"] > 0
+    for s in d["sources"].values():
+        assert s["ok"] + s["timeouts"] + s["errors"] + s["skipped"] == 40
+    assert "in each of 2 processes" in capsys.readouterr().out
 
 
 def test_doctor_prints_every_section(capsys):
