@@ -30,7 +30,6 @@ import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
-    "prefetch_page_cache",
     "CSR",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
@@ -44,6 +43,7 @@ __all__ = [
     "load_csr",
     "open_artifacts",
     "params_hash",
+    "prefetch_page_cache",
     "save_csr",
 ]
 
