@@ -22,7 +22,7 @@ sources:
     params: {window: 5, top_k: 50}
   - name: itemcf
     kind: itemcf
-    params: {neighbours: 50, blockwise: true}
+    params: {neighbours: 50}
   - name: ann
     kind: ann
     params: {factors: 8, iterations: 3, backend: faiss}
