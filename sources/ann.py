@@ -334,7 +334,7 @@ class AnnSource(Source):
             raise ArtifactError(f"{path}: unreadable ({exc}); rebuild") from exc
         if arr.shape != shape or arr.dtype.kind != "f":
             raise ArtifactError(f"{path}: shape {arr.shape} {arr.dtype}, expected {shape} floats")
-        return arr
+        return arr.view(np.ndarray)  # same mapping, without memmap's per-slice Python overhead
 
     def _self_check_faiss(self) -> None:
         """Item 0's own list holds it: one probe must find it (or a twin at the same score)."""

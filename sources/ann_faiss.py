@@ -77,7 +77,8 @@ def _kmeans(faiss: Any, x: npt.NDArray[np.float32], k: int, spherical: bool, see
         spherical=spherical,
         seed=seed,
         max_points_per_centroid=1 << 30,
-        verbose=False,
+        min_points_per_centroid=1,  # only silences faiss's "please provide at least" warning:
+        verbose=False,  # re-splitting a list of ~90 sample points in 3 printed 400 of them
     )
     km.train(x)
     return km.centroids
