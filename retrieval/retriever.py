@@ -34,6 +34,10 @@ __all__ = ["Retriever", "blend"]
 
 logger = logging.getLogger(__name__)
 
+# The longest a new Retriever waits for its artifacts to be read into the page cache (10M
+# items: ~7 GB; a cold start without it timed every source out).
+_PREFETCH_WAIT_S = 120.0
+
 
 class Retriever:
     """Loads every source once; ``blend`` is thread-safe and allocates little per call."""
@@ -49,7 +53,11 @@ class Retriever:
         manifest_stamp = ""
         if artifacts is not None:
             manifest_stamp = _check_artifacts(config, artifacts)
-            prefetch_page_cache(artifacts)
+            # In the background while the sources load; waited for before the warm-up.
+            prefetch = threading.Thread(
+                target=prefetch_page_cache, args=(artifacts,), name="prefetch", daemon=True
+            )
+            prefetch.start()
         # The result cache's version: a new build or a config change never serves old results.
         config_json = config.model_dump_json(exclude={"store": {"url"}})
         self._version = hashlib.blake2b(
@@ -93,6 +101,8 @@ class Retriever:
             curves=_load_curves(config, artifacts),
         )
         self._closed = False
+        if artifacts is not None:
+            prefetch.join(timeout=_PREFETCH_WAIT_S)
         self._warm_up()
 
     def _warm_up(self, budget_s: float = 2.0) -> None:

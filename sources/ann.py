@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +54,8 @@ _ON_DISK_AUTO = 1_000_000  # items above which the index is built on disk, not i
 _ADD_CHUNK = 65_536  # rows converted to Python lists at a time while filling the index
 _TIGHT_MS = 5.0  # below this much time left, search_k / nprobe shrink in proportion
 _FINITE_CHUNK = 262_144
+_CALIBRATION_K = 1000  # the blend's default k: nprobe is calibrated for it, scaled for more
+_CALIBRATION_QUERIES = 200
 _SELF_CHECK_TOL = 0.02  # distance, relative to |v| for euclidean, under which a hit counts
 
 
@@ -67,9 +70,10 @@ class AnnParams(SourceParams):
     trained); ``trained`` uses the trained factors unless the history is newer than the build.
 
     ``backend: faiss`` builds an IVF index instead of annoy: ``nlist`` lists (default ~4 sqrt(n)),
-    ``nprobe`` scanned per query (default from the catalogue size and k), ``storage`` flat or
-    sq8 (4x smaller; the best ``rerank`` candidates are re-scored exactly), ``balance_lists``
-    splits oversized k-means lists. ``n_trees``/``search_k`` are annoy's, the rest faiss's.
+    ``nprobe`` scanned per query (default: the smallest that reached ``target_recall`` at build),
+    ``storage`` flat or sq8 (4x smaller; the best ``rerank`` candidates are re-scored exactly),
+    ``balance_lists`` splits oversized k-means lists. ``n_trees``/``search_k`` are annoy's, the
+    rest faiss's.
     """
 
     embeddings: str | None = None
@@ -93,6 +97,9 @@ class AnnParams(SourceParams):
     storage: Literal["flat", "sq8"] = "flat"
     rerank: int = Field(2000, ge=0)
     balance_lists: bool = True
+    # faiss: the build measures recall@1000 against exact search for users sampled from the log
+    # and keeps the smallest nprobe (doubling) that reaches this; ``nprobe`` overrides it.
+    target_recall: float = Field(0.97, gt=0, le=1)
 
     serving_params = frozenset(
         {"history", "recency_decay", "user_vector", "search_k", "nprobe", "rerank"}
@@ -167,6 +174,41 @@ def _load_embeddings(
     ordered = np.empty_like(x)
     ordered[codes] = x  # row order = the id map's dense order, so lookups are searchsorted
     return ordered, id_map
+
+
+def _calibration_queries(
+    events: EventLog,
+    items: npt.NDArray[Any],
+    own_ids: IdMap | None,
+    users: npt.NDArray[np.float32] | None,
+    p: AnnParams,
+    n: int = _CALIBRATION_QUERIES,
+) -> npt.NDArray[np.float32]:
+    """Query vectors like the ones serving will see, for users sampled from the log: their
+    trained ALS factors, or the recency-weighted mean of the unit vectors of their last
+    ``history`` items (the ``history_mean`` rule)."""
+    rng = np.random.default_rng(p.seed)
+    if len(events) == 0:
+        return np.empty((0, items.shape[1]), dtype=np.float32)
+    picks = rng.choice(len(events), size=min(n, len(events)), replace=False)
+    if users is not None:
+        return np.asarray(users[events.users[picks]], dtype=np.float32)
+    first = np.searchsorted(events.users, events.users[picks], side="left")
+    out = []
+    for end, lo in zip(picks.tolist(), first.tolist(), strict=True):
+        codes = events.items[max(lo, end + 1 - max(p.history, 1)) : end + 1]
+        rows = codes if own_ids is None else own_ids.to_dense(events.item_ids.to_external(codes))
+        rows = np.asarray(rows)[::-1]  # newest first
+        rows = rows[rows >= 0]
+        if rows.size == 0:
+            continue
+        y = np.asarray(items[rows], dtype=np.float64)
+        y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
+        w = p.recency_decay ** np.arange(rows.size)
+        out.append((w[:, None] * y).sum(axis=0))
+    if not out:
+        return np.empty((0, items.shape[1]), dtype=np.float32)
+    return np.asarray(out, dtype=np.float32)
 
 
 def _fit_als(
@@ -463,11 +505,20 @@ class AnnSource(Source):
         """faiss's knob (configured, or derived from the catalogue size and ``n``), shrunk in
         proportion when less than ``_TIGHT_MS`` is left."""
         assert self.ivf is not None
-        full = self.p.nprobe or default_nprobe(self.ivf.nlist, self.n_items, n)
+        full = self.p.nprobe or self._calibrated_nprobe(n)
         left = deadline.remaining_ms()
         if left >= _TIGHT_MS:
             return full
         return max(1, int(full * max(left, 0.0) / _TIGHT_MS))
+
+    def _calibrated_nprobe(self, n: int) -> int:
+        """The build's measured nprobe (for k = 1,000; scaled up for a larger k), or the
+        size-derived default for an index built before calibration existed."""
+        assert self.ivf is not None
+        measured = self.meta.get("nprobe")
+        if not isinstance(measured, int) or measured < 1:
+            return default_nprobe(self.ivf.nlist, self.n_items, n)
+        return min(self.ivf.nlist, max(measured, math.ceil(measured * n / _CALIBRATION_K)))
 
     def _faiss_search(
         self, v: npt.NDArray[np.float32], n: int, deadline: Deadline
@@ -580,6 +631,9 @@ class AnnSource(Source):
                 storage=p.storage,
                 balance=p.balance_lists,
                 seed=p.seed,
+                queries=_calibration_queries(events, items, own_ids, users, p),
+                k=_CALIBRATION_K,
+                target_recall=p.target_recall,
             )
             meta: dict[str, Any] = {**common, **ivf}
             on_disk = True

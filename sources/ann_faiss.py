@@ -23,7 +23,16 @@ import numpy.typing as npt
 
 from retrieval.artifacts import ArtifactError
 
-__all__ = ["INDEX", "FaissIVF", "build_ivf", "default_nlist", "default_nprobe", "require_faiss"]
+__all__ = [
+    "INDEX",
+    "FaissIVF",
+    "build_ivf",
+    "calibrate_nprobe",
+    "default_nlist",
+    "default_nprobe",
+    "exact_top_k",
+    "require_faiss",
+]
 
 INDEX = "index.faiss"
 _TRAIN_PER_LIST = 40  # sample points per list for k-means (faiss warns under 39)
@@ -119,8 +128,12 @@ def build_ivf(
     storage: Storage,
     balance: bool,
     seed: int,
+    queries: npt.NDArray[np.float32] | None = None,
+    k: int = 1000,
+    target_recall: float = 0.97,
 ) -> dict[str, Any]:
-    """Train, fill and write the index; return what the sidecar records about it.
+    """Train, fill and write the index; return what the sidecar records about it (with the
+    calibrated nprobe when ``queries`` are given).
 
     ``x`` may be a memory map: it is read in chunks, normalised per chunk for ``angular``.
     """
@@ -157,6 +170,10 @@ def build_ivf(
     index.is_trained = True
     for lo in range(0, n, _ADD_CHUNK):
         index.add(_rows(x, lo, min(n, lo + _ADD_CHUNK), unit))
+    calibration: dict[str, Any] = {}
+    if queries is not None and queries.shape[0] > 0:
+        q = _unit(np.asarray(queries, np.float32)) if unit else np.asarray(queries, np.float32)
+        calibration = calibrate_nprobe(index, x, q, k, target_recall, unit)
     faiss.write_index(index, str(path))
     sizes = np.array([index.invlists.list_size(i) for i in range(real)], dtype=np.int64)
     return {
@@ -167,6 +184,76 @@ def build_ivf(
         "list_size_mean": round(float(sizes.mean()), 1),
         "list_size_max": int(sizes.max()),
         "list_size_p99": int(np.percentile(sizes, 99)),
+        **calibration,
+    }
+
+
+def exact_top_k(
+    x: npt.NDArray[Any],
+    queries: npt.NDArray[np.float32],
+    k: int,
+    unit: bool,
+    l2: bool,
+    chunk_rows: int = 1 << 20,
+) -> npt.NDArray[np.int64]:
+    """Exact top ``k`` rows of ``x`` per query (inner product, or smallest L2), in row chunks so
+    a 10M-row memory map is never copied whole."""
+    nq = queries.shape[0]
+    best_rows = np.empty((nq, 0), dtype=np.int64)
+    best = np.empty((nq, 0), dtype=np.float32)
+    sq = (queries * queries).sum(axis=1)[:, None] if l2 else None
+    for lo in range(0, x.shape[0], chunk_rows):
+        hi = min(x.shape[0], lo + chunk_rows)
+        chunk = _rows(x, lo, hi, unit)
+        s = queries @ chunk.T  # nq x chunk
+        if sq is not None:
+            s = 2.0 * s - (chunk * chunk).sum(axis=1)[None, :] - sq  # -|q - x|^2
+        rows = np.broadcast_to(np.arange(lo, hi, dtype=np.int64), s.shape)
+        s = np.concatenate([best, s.astype(np.float32)], axis=1)
+        rows = np.concatenate([best_rows, rows], axis=1)
+        keep = min(k, s.shape[1])
+        top = np.argpartition(-s, keep - 1, axis=1)[:, :keep]
+        best = np.take_along_axis(s, top, axis=1)
+        best_rows = np.take_along_axis(rows, top, axis=1)
+    return best_rows
+
+
+def calibrate_nprobe(
+    index: Any,
+    x: npt.NDArray[Any],
+    queries: npt.NDArray[np.float32],
+    k: int,
+    target: float,
+    unit: bool,
+) -> dict[str, Any]:
+    """The smallest nprobe (doubling) whose mean recall@k against exact search reaches
+    ``target`` on ``queries``: what a catalogue needs is measured at build, not assumed.
+
+    How many lists a query must scan depends on how clustered the vectors are, not just on
+    their number: 16 of 4,284 lists gave recall 0.97 on the synthetic 32-d embeddings at 1M,
+    while clustered 64-d vectors needed 128 of 4,000 for 0.956 (README "ANN backends").
+    """
+    faiss = require_faiss()
+    nlist = int(faiss.extract_index_ivf(index).nlist)
+    k = min(k, x.shape[0])
+    truth = exact_top_k(x, queries, k, unit, index.metric_type == faiss.METRIC_L2)
+    tried: dict[int, float] = {}
+    nprobe = 1
+    while True:
+        params = faiss.SearchParametersIVF(nprobe=nprobe)
+        _, got = index.search(queries, k, params=params)
+        hits = [np.intersect1d(g[g >= 0], t).size for g, t in zip(got, truth, strict=True)]
+        recall = float(np.mean(hits)) / k
+        tried[nprobe] = round(recall, 4)
+        if recall >= target or nprobe >= nlist:
+            break
+        nprobe = min(nlist, nprobe * 2)
+    return {
+        "nprobe": nprobe,
+        "nprobe_recall": round(recall, 4),
+        "nprobe_target": target,
+        "nprobe_queries": int(queries.shape[0]),
+        "nprobe_tried": {str(n): r for n, r in tried.items()},
     }
 
 

@@ -12,7 +12,7 @@ import pytest
 from retrieval.artifacts import ArtifactError
 from retrieval.types import Deadline, Request
 from sources.ann import AnnSource
-from sources.ann_faiss import default_nlist, default_nprobe
+from sources.ann_faiss import default_nlist, default_nprobe, exact_top_k
 from tests.contract import SourceContract
 from tests.test_ann import DIMS, N_ITEMS, T0, build, open_source, write_events
 
@@ -111,12 +111,16 @@ def test_tight_deadline_lowers_nprobe(emb, log):
     assert 0 < got.size <= 10
 
 
-def test_balanced_lists_cut_the_largest_list(tmp_path, log):
-    """Zipf-sized clusters: plain k-means leaves the big ones a few lists of 3x the mean."""
+def zipf_clusters(n: int = 20_000) -> np.ndarray:
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(140, 16))
     p = 1.0 / np.arange(1, 141) ** 0.7
-    x = centres[rng.choice(140, size=20_000, p=p / p.sum())] + 0.6 * rng.normal(size=(20_000, 16))
+    return centres[rng.choice(140, size=n, p=p / p.sum())] + 0.6 * rng.normal(size=(n, 16))
+
+
+def test_balanced_lists_cut_the_largest_list(tmp_path, log):
+    """Zipf-sized clusters: plain k-means leaves the big ones a few lists of 3x the mean."""
+    x = zipf_clusters()
     np.save(tmp_path / "emb.npy", x.astype(np.float32))
     np.save(tmp_path / "emb_ids.npy", np.arange(x.shape[0]))
     stats = {}
@@ -133,3 +137,47 @@ def test_defaults_grow_with_the_catalogue():
     assert default_nlist(10) == 1
     assert default_nprobe(4000, 1_000_000) == 160  # 40 x k = 40,000 vectors of 250 per list
     assert default_nprobe(8, 100) == 8
+
+
+@pytest.mark.parametrize("l2", [False, True])
+def test_exact_top_k_by_chunks_matches_a_full_sort(l2):
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(1000, 8)).astype(np.float32)
+    q = rng.normal(size=(5, 8)).astype(np.float32)
+    got = exact_top_k(x, q, 50, unit=False, l2=l2, chunk_rows=64)
+    for row, qq in zip(got, q, strict=True):
+        score = -np.linalg.norm(x - qq, axis=1) if l2 else x @ qq
+        assert set(row.tolist()) == set(np.argsort(-score)[:50].tolist())
+
+
+def test_nprobe_is_calibrated_at_build_to_the_target_recall(tmp_path, log):
+    """The build keeps the smallest doubling of nprobe whose recall@1000 (for users sampled
+    from the log, against exact search) reaches target_recall; serving then uses it."""
+    from sources.ann import _calibration_queries
+
+    x = zipf_clusters().astype(np.float32)
+    np.save(tmp_path / "emb.npy", x)
+    np.save(tmp_path / "emb_ids.npy", np.arange(x.shape[0]))
+    chosen = {}
+    for target in (0.5, 0.97):
+        params = {**faiss_params(tmp_path, nlist=64), "nprobe": None, "target_recall": target}
+        root, built = build(tmp_path, log, **params)
+        meta = json.loads((root / "ann" / "ann.json").read_text())
+        nprobe, tried = meta["nprobe"], meta["nprobe_tried"]
+        assert meta["nprobe_recall"] >= target
+        if nprobe > 1:  # the one before it in the doubling fell short
+            assert tried[str(nprobe // 2)] < target
+        source = open_source(root, built)
+        assert source.nprobe(1000, Deadline.in_ms(1000)) == nprobe
+        assert source.nprobe(2000, Deadline.in_ms(1000)) == min(meta["nlist"], 2 * nprobe)
+        # The recorded recall is what the index gives for those queries: recompute it here.
+        q = _calibration_queries(log, x, source.item_ids, None, built)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        truth = np.argsort(-(x / np.linalg.norm(x, axis=1, keepdims=True)) @ q.T, axis=0)[:1000]
+        hits = [
+            np.intersect1d(source.ivf.search(v, 1000, nprobe)[0], truth[:, j]).size
+            for j, v in enumerate(q)
+        ]
+        assert abs(np.mean(hits) / 1000 - meta["nprobe_recall"]) < 1e-3
+        chosen[target] = nprobe
+    assert chosen[0.5] < chosen[0.97]
