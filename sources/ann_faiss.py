@@ -194,10 +194,10 @@ def exact_top_k(
     k: int,
     unit: bool,
     l2: bool,
-    chunk_rows: int = 1 << 20,
+    chunk_rows: int = 1 << 18,
 ) -> npt.NDArray[np.int64]:
     """Exact top ``k`` rows of ``x`` per query (inner product, or smallest L2), in row chunks so
-    a 10M-row memory map is never copied whole."""
+    a 10M-row memory map is never copied whole (each chunk: ~1 GB for 200 queries)."""
     nq = queries.shape[0]
     best_rows = np.empty((nq, 0), dtype=np.int64)
     best = np.empty((nq, 0), dtype=np.float32)
@@ -208,13 +208,16 @@ def exact_top_k(
         s = queries @ chunk.T  # nq x chunk
         if sq is not None:
             s = 2.0 * s - (chunk * chunk).sum(axis=1)[None, :] - sq  # -|q - x|^2
-        rows = np.broadcast_to(np.arange(lo, hi, dtype=np.int64), s.shape)
-        s = np.concatenate([best, s.astype(np.float32)], axis=1)
-        rows = np.concatenate([best_rows, rows], axis=1)
+        prev = best.shape[1]
+        s = np.concatenate([best, s.astype(np.float32, copy=False)], axis=1)
         keep = min(k, s.shape[1])
         top = np.argpartition(-s, keep - 1, axis=1)[:, :keep]
         best = np.take_along_axis(s, top, axis=1)
-        best_rows = np.take_along_axis(rows, top, axis=1)
+        if prev:
+            old = np.take_along_axis(best_rows, np.minimum(top, prev - 1), axis=1)
+            best_rows = np.where(top < prev, old, lo + top - prev)
+        else:
+            best_rows = lo + top
     return best_rows
 
 
