@@ -3,10 +3,11 @@
 Build: a user x item matrix of summed event weights (each user's most recent items only),
 weighted as implicit's cosine, BM25 or TF-IDF nearest-neighbour model weights it; the item-item
 similarity ``W^T W`` is computed one item range at a time by sparse_dot_topn, which keeps only
-each row's top k while it multiplies (C++, every core). implicit's own fit holds every item's
-neighbours as 16-byte entries before cutting them (+3 GB at 1M items, over 16 GB at 10M); this
-takes as long at 1M (34.6 s each) and gives the same neighbours (tests/test_itemcf.py checks
-them against implicit's). The rows are stored in the co-visitation CSR format and served by the
+each row's top k while it multiplies (C++, every core). implicit's own fit holds the whole
+catalogue's neighbours as 16-byte COO entries before converting them (4.8M items x 101: ~8 GB,
+on top of the decoded log); this bounds memory by the block, takes as long at 1M items (34.6 s
+each, benchmarks/itemcf_vs_implicit.py) and gives the same neighbours (tests/test_itemcf.py
+checks them against implicit's). The rows are stored in the co-visitation CSR format and served by the
 same aggregation (``sources.neighbours``).
 """
 
