@@ -50,6 +50,10 @@ def test_bench_json_has_the_documented_keys(tmp_path, capsys):
     for s in d["sources"].values():
         assert {"p50_ms", "p99_ms", "timeouts", "errors"} <= set(s)
     assert d["exact"]["queries"] > 0 and 0.0 <= d["exact"]["recall_at_100"] <= 1.0
+    # both exact baselines timed; the faster is the one the ANN time is compared with
+    e = d["exact"]
+    assert e["exact_numpy_p50_ms"] > 0 and e["exact_faiss_flat_p50_ms"] > 0
+    assert e["exact_p50_ms"] == min(e["exact_numpy_p50_ms"], e["exact_faiss_flat_p50_ms"])
     printed = capsys.readouterr().out
     assert "blend()" in printed and "exact top-100" in printed
     # without a log: users from the build's id map
