@@ -173,6 +173,10 @@ def read_events(
         sessions = sessions[order]
     for seg in seg_codes:
         seg_codes[seg] = seg_codes[seg][order]
+    del order
+    # Arrow's allocator keeps what decoding freed for reuse (2.9 GB at 100M events), and every
+    # builder's peak would sit on top of it: hand it back to the OS.
+    pa.default_memory_pool().release_unused()
     return EventLog(
         users=users,
         items=items,
