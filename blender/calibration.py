@@ -2,7 +2,7 @@
 
 A blend that knows these curves can spend its k slots where they pay off: the 300th candidate of
 a strong source may be worth more than the 50th of a weak one, which round-robin and RRF cannot
-see. Curves are measured offline (``retrieval tune``), smoothed, forced monotone (a lower rank
+see. Curves are measured offline (``retrieval calibrate``), smoothed, forced monotone (a lower rank
 never predicts a better chance) and stored as JSON beside the artifacts.
 """
 
@@ -102,11 +102,11 @@ class Calibration:
             data = json.loads(path.read_text())
         except FileNotFoundError:
             raise ValueError(
-                f"{path}: no calibration; run `retrieval tune CONFIG --events LOG` first"
+                f"{path}: no calibration; run `retrieval calibrate CONFIG --events LOG` first"
             ) from None
         except (OSError, json.JSONDecodeError) as exc:
             raise ValueError(
-                f"{path}: unreadable calibration ({exc}); run `retrieval tune`"
+                f"{path}: unreadable calibration ({exc}); run `retrieval calibrate`"
             ) from None
         if data.get("format_version") != FORMAT_VERSION:
             raise ValueError(
@@ -116,6 +116,7 @@ class Calibration:
         missing = [n for n in required if n not in curves]
         if missing:
             raise ValueError(
-                f"{path}: no curve for sources {missing}; rerun `retrieval tune` for this config"
+                f"{path}: no curve for sources {missing}; "
+                "rerun `retrieval calibrate` for this config"
             )
         return cls(curves, int(data.get("users", 0)))

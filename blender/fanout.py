@@ -220,21 +220,16 @@ class Blender:
         started: float,
     ) -> CandidateSet:
         results = [self._collect(call, started) for call in calls]
-        lists = self._lists(calls, results)
+        lists = self._lists(results)
         for call in calls:
             assert call.report is not None
             if call.slot.required and call.report.status is not SourceStatus.OK:
                 raise RequiredSourceError(call.report)
 
-        merged = merge(lists, k, self.strategy, self.rrf_k, (self.blocklist, excl))
-        item_ids, scores, ranks = merged.item_ids, merged.scores, merged.ranks
-        backfilled = 0
-        if item_ids.size < k and self.fallback is not None:
-            budget = request.deadline_ms or self.deadline_ms
-            overall = Deadline(started + budget / 1000.0)
-            item_ids, scores, ranks, backfilled = self._backfill(
-                request, overall, results, excl, k, k_ask, item_ids, scores, ranks
-            )
+        budget = request.deadline_ms or self.deadline_ms
+        item_ids, scores, ranks, backfilled = self._combine(
+            request, results, lists, excl, k, k_ask, Deadline(started + budget / 1000.0)
+        )
         reports = tuple(c.report for c in calls if c.report is not None)
         for j, rep in enumerate(reports):
             rep.survived = int(np.count_nonzero(ranks[:, j] >= 0)) if ranks.size else 0
@@ -248,7 +243,43 @@ class Blender:
             backfilled=backfilled,
         )
 
-    def _lists(self, calls: list[_Call], results: list[Ranked | None]) -> list[SourceList | None]:
+    def combine(
+        self, request: Request, results: Sequence[Ranked | None]
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[np.float32], npt.NDArray[np.int32], int]:
+        """The blend's steps after the fan-out (merge, filters, backfill) on answers already in
+        hand, one per source (None: it gave nothing), with no clock running.
+
+        Offline evaluation scores exactly what serving would return from the same lists, so
+        its recall does not depend on how busy the machine was (ids, scores, ranks, backfilled).
+        """
+        if len(results) != len(self.slots):
+            raise ValueError(f"{len(results)} results for {len(self.slots)} sources")
+        k = request.k or self.k
+        excl = Exclusions(request.exclude, request.history if self.exclude_seen else ())
+        k_ask = k + len(excl)
+        # As deep as the fan-out would have asked: a longer offline list must not add ranks.
+        cut = [None if r is None else (r[0][:k_ask], r[1][:k_ask]) for r in results]
+        return self._combine(request, cut, self._lists(cut), excl, k, k_ask, Deadline.in_ms(3.6e6))
+
+    def _combine(
+        self,
+        request: Request,
+        results: list[Ranked | None],
+        lists: list[SourceList | None],
+        excl: Exclusions,
+        k: int,
+        k_ask: int,
+        overall: Deadline,
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[np.float32], npt.NDArray[np.int32], int]:
+        merged = merge(lists, k, self.strategy, self.rrf_k, (self.blocklist, excl))
+        item_ids, scores, ranks = merged.item_ids, merged.scores, merged.ranks
+        if item_ids.size < k and self.fallback is not None:
+            return self._backfill(
+                request, overall, results, excl, k, k_ask, item_ids, scores, ranks
+            )
+        return item_ids, scores, ranks, 0
+
+    def _lists(self, results: list[Ranked | None]) -> list[SourceList | None]:
         """Each source's answer as the merge sees it; exclusions are applied after dedupe."""
         present = [i for i, r in enumerate(results) if r is not None]
         lists: list[SourceList | None] = [None] * len(results)
@@ -256,13 +287,14 @@ class Blender:
             return lists
         ids_all = unify_id_dtypes([results[i][0] for i in present])  # type: ignore[index]
         for i, ids in zip(present, ids_all, strict=True):
+            slot = self.slots[i]
             lists[i] = SourceList(
                 ids=ids,
                 scores=results[i][1],  # type: ignore[index]
                 ranks=np.arange(ids.size, dtype=np.int32),
-                weight=calls[i].slot.weight,
-                quota=calls[i].slot.quota,
-                curve=self.curves.get(calls[i].slot.name),
+                weight=slot.weight,
+                quota=slot.quota,
+                curve=self.curves.get(slot.name),
             )
         return lists
 

@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 from retrieval.artifacts import ArtifactError
 from retrieval.config import ConfigError, RetrievalConfig, load_config
@@ -173,7 +173,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from retrieval.evaluate import evaluate, format_report, load_for_eval
+    from retrieval.evaluate import evaluate, format_report, load_for_eval, report_data
 
     config = load_config(args.config)
     split, path = load_for_eval(
@@ -185,10 +185,60 @@ def _eval(args: argparse.Namespace) -> int:
     if args.json:
         args.json.write_text(json.dumps(report.to_dict(), indent=2))
         print(f"wrote {args.json}")
+    if args.report:
+        from retrieval.report import ReportData, write_report
+
+        title = f"retrieval eval {args.config.name}"
+        write_report(args.report, cast("ReportData", report_data(report, title, _command_line())))
+        print(f"wrote {args.report}")
     return 0
 
 
+def _command_line() -> str:
+    return "retrieval " + " ".join(sys.argv[1:])
+
+
 def _tune(args: argparse.Namespace) -> int:
+    from retrieval.tune import tune, write_tuned_yaml
+
+    config = load_config(args.config)
+    result = tune(
+        config,
+        args.events,
+        budget_minutes=args.budget_minutes,
+        seed=args.seed,
+        holdout=args.holdout,
+        users=args.users,
+    )
+    write_tuned_yaml(result, config, args.out, _command_line())
+    print(f"{'trial':>5}  {'stage':<6} {'source':<12} {'recall':>8} {'s':>6}  change")
+    for i, t in enumerate(result.trials):
+        mark = "*" if t.chosen else " "
+        print(
+            f"{i:>5}{mark} {t.stage:<6} {t.source or '-':<12} {t.recall:>8.4f} "
+            f"{t.seconds:>6.1f}  {t.note}"
+        )
+    k = result.k
+    print(f"validation recall@{k} ({result.users} users), as configured -> tuned:")
+    for name, after in result.after.items():
+        print(f"  {name:<14} {result.before.get(name, float('nan')):.4f} -> {after:.4f}")
+    if result.budget_exhausted:
+        print(f"the {args.budget_minutes:g}-minute budget cut the search short")
+    print(f"tuned in {result.seconds / 60:.1f} min; wrote {args.out}")
+    if args.json:
+        args.json.write_text(json.dumps(result.to_dict(), indent=2))
+        print(f"wrote {args.json}")
+    if args.report:
+        from retrieval.report import ReportData, write_report
+
+        title = f"retrieval tune {args.config.name}"
+        data = result.report_data(title, _command_line())
+        write_report(args.report, cast("ReportData", data))
+        print(f"wrote {args.report}")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
     from blender.calibration import CALIBRATION_FILE
     from retrieval.build import needed_segments
     from retrieval.evaluate import calibrate
@@ -273,16 +323,43 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--k", type=_k_list, default=[20, 100, 1000])
     ev.add_argument("--users", type=_positive, default=2000, help="test users sampled")
     ev.add_argument("--json", type=Path, help="also write the metrics as JSON")
+    ev.add_argument("--report", type=Path, help="also write a self-contained HTML report")
     ev.set_defaults(handler=_eval)
 
-    tu = sub.add_parser("tune", help="measure rank -> hit-rate curves for the calibrated blend")
+    tu = sub.add_parser(
+        "tune",
+        help="fit every source's parameters and the blend to your log; write a tuned config",
+        description="Split LOG by time into a fit part and a validation part, search each "
+        "learned source's parameters by its validation recall at the config's k, then the "
+        "blend's, and write the tuned config (a complete YAML file, with what was measured "
+        "as comments).",
+    )
     tu.add_argument("config", type=Path)
-    tu.add_argument("--events", type=Path, required=True)
-    tu.add_argument("--holdout", type=float, default=0.1, help="last fraction of the log held out")
-    tu.add_argument("--users", type=_positive, default=2000)
-    tu.add_argument("--k", type=_positive, default=None)
-    tu.add_argument("--out", type=Path, default=None, help="default: <artifacts>/calibration.json")
+    tu.add_argument("--events", type=Path, required=True, help="CSV or Parquet event log")
+    tu.add_argument("--out", type=Path, required=True, help="where to write TUNED.yaml")
+    tu.add_argument(
+        "--budget-minutes",
+        type=float,
+        default=15.0,
+        help="stop searching when this is spent (the best found so far is kept)",
+    )
+    tu.add_argument("--seed", type=int, default=0, help="validation users and cut points")
+    tu.add_argument("--holdout", type=float, default=0.1, help="last fraction of the log's time")
+    tu.add_argument("--users", type=_positive, default=2000, help="validation users scored")
+    tu.add_argument("--json", type=Path, help="also write every trial as JSON")
+    tu.add_argument("--report", type=Path, help="also write a self-contained HTML report")
     tu.set_defaults(handler=_tune)
+
+    ca = sub.add_parser(
+        "calibrate", help="measure rank -> hit-rate curves for blend.strategy: calibrated"
+    )
+    ca.add_argument("config", type=Path)
+    ca.add_argument("--events", type=Path, required=True)
+    ca.add_argument("--holdout", type=float, default=0.1, help="last fraction of the log held out")
+    ca.add_argument("--users", type=_positive, default=2000)
+    ca.add_argument("--k", type=_positive, default=None)
+    ca.add_argument("--out", type=Path, default=None, help="default: <artifacts>/calibration.json")
+    ca.set_defaults(handler=_calibrate)
 
     bd = sub.add_parser("build", help="build the artifacts of every source that learns")
     bd.add_argument("config", type=Path)

@@ -25,15 +25,16 @@ import numpy as np
 import numpy.typing as npt
 from tqdm import tqdm
 
-from blender.calibration import Calibration, fit_curve
+from blender.calibration import CALIBRATION_FILE, Calibration, fit_curve
+from blender.fanout import Blender
 from blender.filters import Exclusions
 from blender.merge import SourceList, Strategy, merge, unify_id_dtypes
 from retrieval.artifacts import IdMap
 from retrieval.build import build
-from retrieval.config import RetrievalConfig, SourceConfig, load_config
+from retrieval.config import RetrievalConfig, SourceConfig
 from retrieval.events import EventLog, read_events
-from retrieval.retriever import Retriever
-from retrieval.types import Deadline, Request
+from retrieval.retriever import Retriever, make_blender
+from retrieval.types import Deadline, Request, SourceStatus, as_id_array
 from sources.base import SkipSource
 
 __all__ = [
@@ -75,6 +76,8 @@ class EvalReport:
     quota_sensitivity: dict[str, dict[str, float]] = field(default_factory=dict)
     calibration: Calibration | None = None
     seconds: float = 0.0
+    curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # recall by k
+    overlap: dict[str, dict[str, int]] = field(default_factory=dict)  # hits, unique hits at k
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -84,7 +87,38 @@ class EvalReport:
             "blend": self.blend,
             "variants": self.variants,
             "quota_sensitivity": self.quota_sensitivity,
+            "curves": self.curves,
+            "overlap": self.overlap,
         }
+
+
+def report_data(report: EvalReport, title: str, subtitle: str) -> dict[str, Any]:
+    """What ``retrieval.report`` draws for an evaluation."""
+    rows = {**report.sources, "blend": report.blend}
+    rows.update({f"blend:{n}": v for n, v in report.variants.items()})
+    latency = {
+        n: {
+            "p50_ms": v["p50_ms"],
+            "p99_ms": v["p99_ms"],
+            "timeouts": int(v.get("over_timeout", 0)),
+        }
+        for n, v in rows.items()
+        if "p50_ms" in v
+    }
+    return {
+        "title": title,
+        "subtitle": subtitle,
+        "curves": report.curves,
+        "table": {"ks": report.ks, "rows": rows},
+        "overlap": report.overlap,
+        "latency": latency,
+        "notes": [
+            f"{report.users} test users; recall merges the answers each source gave with no "
+            "clock running, so it does not depend on machine load.",
+            "timeouts: calls slower than the source's timeout_ms (they would have been dropped "
+            "by a live blend).",
+        ],
+    }
 
 
 def parse_cutoff(text: str) -> float:
@@ -140,6 +174,45 @@ def split_by_time(events: EventLog, cutoff: float, max_users: int | None, seed: 
     train = compact(events.subset(before))
     test = ~before
     return _split(train, events.users[test], events.items[test], events, max_users, seed, cutoff)
+
+
+def holdout_split(events: EventLog, fraction: float, max_users: int | None, seed: int = 0) -> Split:
+    """A validation split shaped like a next-items test, from one log.
+
+    Every user active in the last ``fraction`` of the log's time holds out their later events:
+    the events before the cutoff are their history. A user with none before it (a session that
+    began after the cutoff, the usual case in session logs, where a plain time split leaves the
+    validation users without history) keeps a seeded random prefix of their own later events as
+    history, at least one event; users with a single later event and no history are dropped.
+    The fit part is everything that is not held out, as in a test whose users' earlier events
+    are in the training log. ``max_users`` of the validation users are scored.
+    """
+    cutoff = cutoff_for_fraction(events, fraction)
+    ts, users = events.timestamps, events.users
+    n = len(events)
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]]) if n else np.empty(0, np.intp)
+    ends = np.r_[starts[1:], n].astype(np.intp)
+    # Events are sorted by (user, time): the first event at or after the cutoff, per user.
+    late_at = np.where(ts >= cutoff, np.arange(n), n)
+    first_late = np.minimum(np.minimum.reduceat(late_at, starts), ends) if n else ends
+    rng = np.random.default_rng(seed)
+    late = first_late < ends
+    no_history = late & (first_late == starts)
+    cut = first_late.copy()
+    spans = ends[no_history] - starts[no_history]
+    cut[no_history] = starts[no_history] + rng.integers(1, np.maximum(spans, 2))
+    valid = late & (cut < ends)
+    marks = np.zeros(n + 1, dtype=np.int64)
+    np.add.at(marks, cut[valid], 1)
+    np.add.at(marks, ends[valid], -1)
+    held = np.cumsum(marks[:n]) > 0
+    if not held.any():
+        raise EvalError(
+            f"no validation users: nobody is active in the last {fraction:.0%} of the log "
+            "with anything left to predict"
+        )
+    train = compact(events.subset(~held))
+    return _split(train, users[held], events.items[held], events, max_users, seed, cutoff)
 
 
 def split_from_files(
@@ -201,9 +274,12 @@ def evaluate(
 ) -> EvalReport:
     """Build on the train part into a temporary directory, then score sources and blends.
 
-    Besides the configured blend, the same per-source lists are re-merged offline as a
-    round-robin blend (equal quotas) and, when ``calibrate_blend``, as a calibrated blend whose
-    rank curves come from a hold-out inside the train part (never from the test events).
+    Every source is asked once per user with no clock running; the configured blend, the
+    round-robin blend and (when ``calibrate_blend``) the calibrated blend are then merged from
+    those same answers by the serving blender's own steps (``Blender.combine``), so recall does
+    not depend on machine load. The live ``blend()`` still runs with its deadlines, for latency
+    and for the timeouts it would have had, reported apart. Calibration curves come from a
+    hold-out inside the train part (never from the test events).
     """
     ks = sorted(set(ks))
     n_items = len(split.train.item_ids)
@@ -212,59 +288,131 @@ def evaluate(
     show = sys.stderr.isatty() if progress is None else progress
     t0 = time.perf_counter()
     calibration = None
-    if calibrate_blend:
+    if calibrate_blend or config.blend.strategy == "calibrated":
         try:
             calibration = calibrate(config, split.train, events_path, k=ks[-1], progress=show)
         except EvalError as exc:  # e.g. a train part too small to hold a slice out
+            if config.blend.strategy == "calibrated":
+                raise
             logger.warning("no calibrated blend: %s", exc)
+    report = EvalReport(ks=ks, users=len(split.users))
     with tempfile.TemporaryDirectory(prefix="retrieval-eval-") as tmp:
         artifacts = Path(tmp) / "artifacts"
         build(config, events_path, artifacts, events=split.train, progress=show)
-        runs = collect(config, artifacts, split, ks[-1], workers, show)
-        cfg = config.model_copy(update={"k": ks[-1]})
-    report = EvalReport(ks=ks, users=len(split.users))
-    seen = _seen(split)
-    names = list(runs.lists)
+        if calibration is not None:
+            calibration.save(artifacts / CALIBRATION_FILE)
+        cfg = for_artifacts(config, artifacts, ks[-1])
+        runs = collect(cfg, split, ks[-1], workers, show)
+        curves = None
+        if calibration is not None:
+            depth = ks[-1] + cfg.store.history_len + 1
+            curves = {n: c.dense(depth) for n, c in calibration.curves.items()}
+        with Retriever(cfg) as retriever:
+            blends = {_BLEND: combine_all(retriever.blender, runs.requests, runs.answers)}
+            variants = {"round_robin": _round_robin(cfg)}
+            if calibration is not None and config.blend.strategy != "calibrated":
+                variants["calibrated"] = cfg.model_copy(
+                    update={"blend": cfg.blend.model_copy(update={"strategy": "calibrated"})}
+                )
+            for label, variant in variants.items():
+                blender = make_blender(variant, retriever.sources, curves)
+                try:
+                    blends[label] = combine_all(blender, runs.requests, runs.answers)
+                finally:
+                    blender.close()
+    seen = seen_items(split)
+    names = list(runs.answers)
+    lists = {n: source_lists(runs, n, config.blend.exclude_seen, ks[-1]) for n in names}
     for name in names:
-        stats = metrics(runs.lists[name], split, seen, ks)
+        stats = metrics(lists[name], split, seen, ks)
         for k in ks:
-            stats[f"unique_hits@{k}"] = float(_unique_hits(runs.lists, name, split, k))
+            stats[f"unique_hits@{k}"] = float(_unique_hits(lists, name, split, k))
         stats.update(_latency(runs.latency_ms[name]))
+        stats["over_timeout"] = float(runs.over_timeout[name])
+        stats["live_timeouts"] = float(runs.live_timeouts[name])
         report.sources[name] = stats
-    report.blend = metrics(runs.blend, split, seen, ks)
+    report.blend = metrics(blends[_BLEND], split, seen, ks)
     report.blend.update(_latency(runs.blend_latency_ms))
-    report.blend["coverage"] = _coverage(runs.blend, n_items)
-    with_blend = {**runs.lists, _BLEND: runs.blend}
+    report.blend["coverage"] = _coverage(blends[_BLEND], n_items)
+    with_blend = {**lists, _BLEND: blends[_BLEND]}
     for k in ks:
         # Hits of the blend that no source had in its own top k (backfill, deeper ranks).
         report.blend[f"unique_hits@{k}"] = float(_unique_hits(with_blend, _BLEND, split, k))
-    weights = {sc.name: sc for sc in cfg.sources}
-    round_robin = [
-        _offline_merge(runs.lists, names, i, ks[-1], "quota", weights, None)
-        for i in range(len(split.users))
-    ]
-    report.variants["round_robin"] = metrics(round_robin, split, seen, ks)
-    if calibration is not None:
-        curves = {n: calibration.curves[n].dense(ks[-1] + 1) for n in names}
-        calibrated = [
-            _offline_merge(runs.lists, names, i, ks[-1], "calibrated", weights, curves)
-            for i in range(len(split.users))
-        ]
-        report.variants["calibrated"] = metrics(calibrated, split, seen, ks)
-        report.calibration = calibration
-    report.quota_sensitivity = _quota_sensitivity(runs.lists, names, split, seen, ks[-1])
+    for label in variants:
+        report.variants[label] = metrics(blends[label], split, seen, ks)
+    report.calibration = calibration
+    grid = log_grid(ks[-1])
+    report.curves = {n: recall_curve(v, split, seen, grid) for n, v in lists.items()}
+    report.curves["blend"] = recall_curve(blends[_BLEND], split, seen, grid)
+    for label in variants:
+        report.curves[f"blend:{label}"] = recall_curve(blends[label], split, seen, grid)
+    report.overlap = hits_and_unique(lists, split, ks[-1])
+    report.quota_sensitivity = _quota_sensitivity(lists, names, split, seen, ks[-1])
     report.seconds = time.perf_counter() - t0
     return report
 
 
+def for_artifacts(config: RetrievalConfig, artifacts: Path, k: int) -> RetrievalConfig:
+    """``config`` serving a build made elsewhere, at depth ``k``; calibrated curves are read from
+    that build (where evaluation saved the ones it fitted), not from a file the config names."""
+    return config.model_copy(
+        update={
+            "artifacts": artifacts,
+            "k": k,
+            "blend": config.blend.model_copy(update={"calibration": None}),
+        }
+    )
+
+
+def _round_robin(config: RetrievalConfig) -> RetrievalConfig:
+    """Equal quotas, sources interleaved by rank: the baseline any blend should beat."""
+    sources = [sc.model_copy(update={"quota": None}) for sc in config.sources]
+    blend = config.blend.model_copy(update={"strategy": "quota"})
+    return config.model_copy(update={"blend": blend, "sources": sources})
+
+
+Answer = tuple[npt.NDArray[Any], npt.NDArray[np.float32]] | None
+
+
 @dataclass
 class Runs:
-    """What every source and the blend returned for every test user (after exclusions)."""
+    """Every source's raw answer for every test user, and how long each call took.
 
-    lists: dict[str, list[npt.NDArray[Any]]]
+    Answers are unfiltered and as deep as a blend that excludes the user's history would ask
+    (``k`` + history + request excludes), so any blend setting can be re-merged from them.
+    """
+
+    requests: list[Request]
+    answers: dict[str, list[Answer]]
     latency_ms: dict[str, npt.NDArray[np.float64]]
-    blend: list[npt.NDArray[Any]]
+    over_timeout: dict[str, int]  # calls slower than the source's timeout_ms
+    live_timeouts: dict[str, int]  # timeouts (and open breakers) inside the live blend()
     blend_latency_ms: npt.NDArray[np.float64]
+
+
+def source_lists(runs: Runs, name: str, exclude_seen: bool, k: int) -> list[npt.NDArray[Any]]:
+    """One source's ids per user after the blend's exclusions, cut to ``k``."""
+    out = []
+    for req, ans in zip(runs.requests, runs.answers[name], strict=True):
+        if ans is None:
+            out.append(np.empty(0, dtype=np.int64))
+            continue
+        ids = ans[0]
+        excl = Exclusions(req.exclude, req.history if exclude_seen else ())
+        out.append(ids[excl.mask(ids)][:k])
+    return out
+
+
+def combine_all(
+    blender: Blender, requests: Sequence[Request], answers: Mapping[str, Sequence[Answer]]
+) -> list[npt.NDArray[Any]]:
+    """The blend's ids per user, merged by ``blender`` from the answers in hand."""
+    names = [slot.name for slot in blender.slots]
+    out = []
+    for i, req in enumerate(requests):
+        ids, _, _, _ = blender.combine(req, [answers[n][i] for n in names])
+        out.append(ids)
+    return out
 
 
 def calibrate(
@@ -277,72 +425,80 @@ def calibrate(
     max_users: int = 2000,
     progress: bool = False,
     workers: int = 2,
+    seed: int = 1,
 ) -> Calibration:
-    """Rank -> hit-rate curves measured on the last ``holdout_fraction`` of ``train``."""
-    cutoff = cutoff_for_fraction(train, holdout_fraction)
-    inner = split_by_time(train, cutoff, max_users, seed=1)
+    """Rank -> hit-rate curves measured on a hold-out of ``train`` (``holdout_split``)."""
+    inner = holdout_split(train, holdout_fraction, max_users, seed=seed)
     k = min(k, len(inner.train.item_ids))
     with tempfile.TemporaryDirectory(prefix="retrieval-tune-") as tmp:
         artifacts = Path(tmp) / "artifacts"
         build(config, events_path, artifacts, events=inner.train, progress=progress)
-        runs = collect(config, artifacts, inner, k, workers, progress, with_blend=False)
+        cfg = for_artifacts(config, artifacts, k)
+        cfg = cfg.model_copy(update={"blend": cfg.blend.model_copy(update={"strategy": "rrf"})})
+        runs = collect(cfg, inner, k, workers, progress, live_blend=False)
+    return fit_calibration(runs, inner, config.blend.exclude_seen, k)
+
+
+def fit_calibration(runs: Runs, split: Split, exclude_seen: bool, k: int) -> Calibration:
+    """Each source's chance of a hit by rank, over the lists the blend would merge."""
     curves = {}
-    for name, lists in runs.lists.items():
+    for name in runs.answers:
         hits = np.zeros(k, dtype=np.float64)
         reach = np.zeros(k, dtype=np.float64)
-        for cands, targets in zip(lists, inner.targets, strict=True):
+        lists = source_lists(runs, name, exclude_seen, k)
+        for cands, targets in zip(lists, split.targets, strict=True):
             cands = _same_dtype(cands, targets)[:k]
             reach[: cands.size] += 1
             hits[: cands.size] += np.isin(cands, targets)
         curves[name] = fit_curve(hits, reach)
-    return Calibration(curves, users=len(inner.users))
+    return Calibration(curves, users=len(split.users))
 
 
 def collect(
     config: RetrievalConfig,
-    artifacts: Path,
     split: Split,
     k_max: int,
     workers: int,
     show: bool,
     *,
-    with_blend: bool = True,
+    live_blend: bool = True,
 ) -> Runs:
-    """Every source's list (and the blend's) for every test user.
+    """Every source's answer for every test user (and the live blend's timing).
 
-    With ``workers > 1`` and a config that came from a file, users are scored in that many
-    processes, each with its own retriever over the same memory-mapped artifacts: threads alone
-    would keep most of the Python work on one core.
+    ``config`` must serve a finished build (``for_artifacts``). With ``workers > 1``, users are
+    scored in that many processes, each with its own retriever over the same memory-mapped
+    artifacts: threads alone would keep most of the Python work on one core.
     """
-    cfg = config.model_copy(update={"artifacts": artifacts, "k": k_max})
-    requests = _requests(split, cfg.store.history_len, k_max)
+    requests = _requests(split, config.store.history_len, k_max)
     n = len(requests)
     batches = [requests[i : i + 128] for i in range(0, n, 128)]
-    outs: list[tuple[dict[str, Any], dict[str, float]]] = []
-    origin = Path(config.origin)
-    parallel = workers > 1 and origin.is_file() and n >= 2 * 128
+    outs: list[_Scored] = []
+    parallel = workers > 1 and n >= 2 * 128
     with tqdm(total=n, desc="eval users", unit="user", disable=not show) as bar:
         if parallel:
             ctx = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(
-                workers, ctx, _init_worker, (str(origin), str(artifacts), k_max, with_blend)
-            ) as pool:
+            dump = config.model_dump(mode="json")
+            init = (dump, config.origin, str(config.base_dir), k_max, live_blend)
+            with ProcessPoolExecutor(workers, ctx, _init_worker, init) as pool:
                 for done in pool.map(_score_batch, batches):
                     outs.extend(done)
                     bar.update(len(done))
         else:
-            with Retriever(cfg) as retriever:
-                scorer = _Scorer(retriever, cfg, k_max, with_blend)
+            with Retriever(config) as retriever:
+                scorer = _Scorer(retriever, k_max, live_blend)
                 for batch in batches:
                     outs.extend(scorer.one(r) for r in batch)
                     bar.update(len(batch))
-    names = [sc.name for sc in cfg.sources]
-    empty = np.empty(0, dtype=np.float64)
+    names = [sc.name for sc in config.sources]
+    limits = {sc.name: sc.timeout_ms or config.deadline_ms for sc in config.sources}
+    latency = {name: np.array([o.latency_ms[name] for o in outs]) for name in names}
     return Runs(
-        lists={name: [o[0][name] for o in outs] for name in names},
-        latency_ms={name: np.array([o[1][name] for o in outs]) for name in names},
-        blend=[o[0].get(_BLEND, empty) for o in outs],
-        blend_latency_ms=np.array([o[1].get(_BLEND, 0.0) for o in outs]),
+        requests=requests,
+        answers={name: [o.answers[name] for o in outs] for name in names},
+        latency_ms=latency,
+        over_timeout={name: int((latency[name] > limits[name]).sum()) for name in names},
+        live_timeouts={name: sum(o.live_timeouts.get(name, 0) for o in outs) for name in names},
+        blend_latency_ms=np.array([o.blend_ms for o in outs if o.blend_ms is not None]),
     )
 
 
@@ -374,50 +530,69 @@ def _requests(split: Split, history_len: int, k_max: int) -> list[Request]:
     return out
 
 
+@dataclass
+class _Scored:
+    answers: dict[str, Answer]
+    latency_ms: dict[str, float]
+    live_timeouts: dict[str, int]
+    blend_ms: float | None
+
+
+# Offline calls run without a clock: a source that does less when time is short must not
+# answer differently because the machine was busy.
+_NO_CLOCK_MS = 3_600_000.0
+
+
 class _Scorer:
-    """Asks each source alone (with the blend's exclusions) and the blend, timing each."""
+    """Asks each source alone (deep enough for any exclusion), then times the live blend."""
 
-    def __init__(
-        self, retriever: Retriever, config: RetrievalConfig, k_max: int, with_blend: bool
-    ) -> None:
+    def __init__(self, retriever: Retriever, k_max: int, live_blend: bool) -> None:
         self.retriever = retriever
-        self.exclude_seen = config.blend.exclude_seen
         self.k_max = k_max
-        self.with_blend = with_blend
+        self.live_blend = live_blend
 
-    def one(self, req: Request) -> tuple[dict[str, Any], dict[str, float]]:
-        excl = Exclusions(req.exclude, req.history if self.exclude_seen else ())
-        per: dict[str, Any] = {}
+    def one(self, req: Request) -> _Scored:
+        ask = self.k_max + len(Exclusions(req.exclude, req.history))
+        answers: dict[str, Answer] = {}
         lat: dict[str, float] = {}
         for src in self.retriever.sources:
             t = time.perf_counter()
             try:
                 if src.missing(req) is not None:
                     raise SkipSource("needs unmet")
-                ids, _ = src.retrieve(req, self.k_max + len(excl), Deadline.in_ms(1000.0))
-                ids = np.asarray(ids)
-                ids = ids[excl.mask(ids)][: self.k_max]
+                ids, scores = src.retrieve(req, ask, Deadline.in_ms(_NO_CLOCK_MS))
+                answers[src.name] = (
+                    as_id_array(ids)[:ask],
+                    np.asarray(scores, dtype=np.float32)[:ask],
+                )
             except SkipSource:
-                ids = np.empty(0, dtype=np.int64)
+                answers[src.name] = None
             lat[src.name] = (time.perf_counter() - t) * 1000
-            per[src.name] = ids
-        if self.with_blend:
-            t = time.perf_counter()
-            per[_BLEND] = self.retriever.blend(req).item_ids
-            lat[_BLEND] = (time.perf_counter() - t) * 1000
-        return per, lat
+        if not self.live_blend:
+            return _Scored(answers, lat, {}, None)
+        t = time.perf_counter()
+        result = self.retriever.blend(req)
+        blend_ms = (time.perf_counter() - t) * 1000
+        late = {
+            r.name: 1
+            for r in result.reports
+            if r.status in (SourceStatus.TIMEOUT, SourceStatus.CIRCUIT_OPEN)
+        }
+        return _Scored(answers, lat, late, blend_ms)
 
 
 _worker: _Scorer | None = None
 
 
-def _init_worker(config_path: str, artifacts: str, k_max: int, with_blend: bool) -> None:
+def _init_worker(
+    dump: dict[str, Any], origin: str, base_dir: str, k_max: int, live_blend: bool
+) -> None:
     global _worker
-    cfg = load_config(config_path).model_copy(update={"artifacts": Path(artifacts), "k": k_max})
-    _worker = _Scorer(Retriever(cfg), cfg, k_max, with_blend)
+    cfg = RetrievalConfig.load(dump, origin, base_dir=Path(base_dir), environ={})
+    _worker = _Scorer(Retriever(cfg), k_max, live_blend)
 
 
-def _score_batch(batch: list[Request]) -> list[tuple[dict[str, Any], dict[str, float]]]:
+def _score_batch(batch: list[Request]) -> list[_Scored]:
     assert _worker is not None, "worker not initialised"
     return [_worker.one(r) for r in batch]
 
@@ -462,7 +637,7 @@ def metrics(
     return stats
 
 
-def _seen(split: Split) -> list[npt.NDArray[Any]]:
+def seen_items(split: Split) -> list[npt.NDArray[Any]]:
     train = split.train
     dense = train.user_ids.to_dense(split.users)
     starts = np.searchsorted(train.users, dense, side="left")
@@ -473,6 +648,45 @@ def _seen(split: Split) -> list[npt.NDArray[Any]]:
             out.append(np.empty(0, dtype=t.dtype))
         else:
             out.append(np.asarray(train.item_ids.to_external(train.items[s:e])))
+    return out
+
+
+def log_grid(k: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to and including ``k``: where recall curves are drawn."""
+    out = [m * 10**e for e in range(len(str(max(k, 1)))) for m in (1, 2, 5)]
+    return sorted({x for x in out if x < k} | {k})
+
+
+def recall_curve(
+    lists: Sequence[npt.NDArray[Any]],
+    split: Split,
+    seen: Sequence[npt.NDArray[Any]],
+    ks: Sequence[int],
+) -> dict[str, list[float]]:
+    """Recall at every k of ``ks`` in one pass per user (for the report's curves)."""
+    grid = np.asarray(ks)
+    total = np.zeros(grid.size, dtype=np.float64)
+    for cands, targets in zip(lists, split.targets, strict=True):
+        if targets.size == 0:
+            continue
+        cands = _same_dtype(cands, targets)[: int(grid[-1])]
+        positions = np.flatnonzero(np.isin(cands, targets))
+        total += np.searchsorted(positions, grid, side="left") / targets.size
+    del seen  # the signature matches ``metrics``; recall of all targets needs no seen items
+    n = max(len(split.targets), 1)
+    return {"k": [int(x) for x in grid], "recall": (total / n).tolist()}
+
+
+def hits_and_unique(
+    lists: Mapping[str, Sequence[npt.NDArray[Any]]], split: Split, k: int
+) -> dict[str, dict[str, int]]:
+    """Per list: hits at k, and hits at k that no other list has (what it alone contributes)."""
+    out = {}
+    for name, per_user in lists.items():
+        hits = 0
+        for cands, targets in zip(per_user, split.targets, strict=True):
+            hits += int(np.isin(targets, _same_dtype(cands, targets)[:k]).sum())
+        out[name] = {"hits": hits, "unique_hits": _unique_hits(lists, name, split, k)}
     return out
 
 
@@ -597,10 +811,19 @@ def format_report(report: EvalReport) -> str:
                 f"{stats.get(f'candidates@{k}', 0.0):>10.0f}"
             )
         lines.append("")
-    lines.append(f"{'latency':<{width}}{'p50_ms':>10}{'p99_ms':>12}")
+    lines.append(
+        f"{'latency':<{width}}{'p50_ms':>10}{'p99_ms':>12}{'over_timeout':>14}{'live_timeouts':>15}"
+    )
     for name, stats in rows:
         if "p50_ms" in stats:
-            lines.append(f"{name:<{width}}{stats['p50_ms']:>10.2f}{stats['p99_ms']:>12.2f}")
+            late = ""
+            if "over_timeout" in stats:
+                late = f"{int(stats['over_timeout']):>14}{int(stats['live_timeouts']):>15}"
+            lines.append(f"{name:<{width}}{stats['p50_ms']:>10.2f}{stats['p99_ms']:>12.2f}{late}")
+    lines.append(
+        "recall merges the answers every source gave with no clock running; over_timeout: calls "
+        "slower than the source's timeout_ms; live_timeouts: timeouts inside the timed blend()"
+    )
     if "coverage" in report.blend:
         lines.append(f"blend catalog coverage: {report.blend['coverage']:.4f}")
     if report.quota_sensitivity:

@@ -30,7 +30,7 @@ from retrieval.store import Event, MemoryStore, Store
 from retrieval.types import CandidateSet, Deadline, ItemId, Request, SourceStatus, UserId
 from sources.base import Need, Source, SourceContext, SourceParams
 
-__all__ = ["Retriever", "blend"]
+__all__ = ["Retriever", "blend", "make_blender"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,37 +73,16 @@ class Retriever:
         except Exception:
             self.close()
             raise
-        slots = [
-            SourceSlot(
-                source=src,
-                timeout_ms=sc.timeout_ms,
-                weight=sc.weight,
-                quota=sc.quota,
-                required=sc.required,
-                breaker=CircuitBreaker(config.breaker.failures, config.breaker.cooldown_s),
-            )
-            for src, sc in zip(self.sources, config.sources, strict=True)
-        ]
-        blocklist = None
-        if config.blend.blocklist is not None:
-            blocklist = load_blocklist(config.resolve_path(config.blend.blocklist))
-        self._blender = Blender(
-            slots,
-            k=config.k,
-            deadline_ms=config.deadline_ms,
-            strategy=config.blend.strategy,
-            rrf_k=config.blend.rrf_k,
-            exclude_seen=config.blend.exclude_seen,
-            blocklist=blocklist,
-            fallback=config.blend.fallback,
-            workers=config.blend.workers,
-            merge_reserve_ms=config.blend.merge_reserve_ms,
-            curves=_load_curves(config, artifacts),
-        )
+        self._blender = make_blender(config, self.sources, _load_curves(config, artifacts))
         self._closed = False
         if artifacts is not None:
             prefetch.join(timeout=_PREFETCH_WAIT_S)
         self._warm_up()
+
+    @property
+    def blender(self) -> Blender:
+        """The fan-out and merge; ``blender.combine`` re-merges answers already in hand."""
+        return self._blender
 
     def _warm_up(self, budget_s: float = 2.0) -> None:
         """Touch every source once so the first real request does not pay for lazy imports,
@@ -336,6 +315,42 @@ class Retriever:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def make_blender(
+    config: RetrievalConfig,
+    sources: Sequence[Source],
+    curves: dict[str, npt.NDArray[np.float64]] | None = None,
+) -> Blender:
+    """The blender a config describes, over sources already loaded (one per configured source,
+    in order): the retriever's, and offline evaluation's for re-merging answers in hand."""
+    slots = [
+        SourceSlot(
+            source=src,
+            timeout_ms=sc.timeout_ms,
+            weight=sc.weight,
+            quota=sc.quota,
+            required=sc.required,
+            breaker=CircuitBreaker(config.breaker.failures, config.breaker.cooldown_s),
+        )
+        for src, sc in zip(sources, config.sources, strict=True)
+    ]
+    blocklist = None
+    if config.blend.blocklist is not None:
+        blocklist = load_blocklist(config.resolve_path(config.blend.blocklist))
+    return Blender(
+        slots,
+        k=config.k,
+        deadline_ms=config.deadline_ms,
+        strategy=config.blend.strategy,
+        rrf_k=config.blend.rrf_k,
+        exclude_seen=config.blend.exclude_seen,
+        blocklist=blocklist,
+        fallback=config.blend.fallback,
+        workers=config.blend.workers,
+        merge_reserve_ms=config.blend.merge_reserve_ms,
+        curves=curves,
+    )
 
 
 def _make_store(config: RetrievalConfig) -> Store:

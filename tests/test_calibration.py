@@ -31,7 +31,7 @@ def test_calibration_round_trip_and_missing_curve(tmp_path):
     assert back.curves["a"].p == (0.3, 0.1) and back.users == 7
     with pytest.raises(ValueError, match="no curve for sources"):
         Calibration.load(path, ["a", "b"])
-    with pytest.raises(ValueError, match="retrieval tune"):
+    with pytest.raises(ValueError, match="retrieval calibrate"):
         Calibration.load(tmp_path / "nope.json", ["a"])
 
 
