@@ -208,17 +208,17 @@ def tune(
         tqdm(total=planned, desc="tune", unit="trial", disable=not show) as bar,
     ):
         search = _SourceSearch(config, split, events_path, k, workers, Path(tmp), clock, bar)
-        params: dict[str, dict[str, Any]] = {}
         tunable = [sc for sc in config.sources if _space(sc)]
+        # Each source as configured first: how long one of its trials takes sets its share.
+        for sc in tunable:
+            search.start(sc)
         source_budget = clock.budget_s * (1 - _BLEND_SHARE)
-        for sc in config.sources:
-            if sc in tunable:
-                # An equal share of what is left of the source budget for each source to go.
-                left = len(tunable) - tunable.index(sc)
-                until = clock.elapsed() + (source_budget - clock.elapsed()) / left
-                params[sc.name] = search.run(sc, until)
-            else:
-                params[sc.name] = dict(sc.params)
+        for i, sc in enumerate(tunable):
+            need = [search.need_s(other) for other in tunable[i:]]
+            left = max(source_budget - clock.elapsed(), 0.0)
+            until = clock.elapsed() + left * need[0] / max(sum(need), 1e-9)
+            search.run(sc, until)
+        params = {sc.name: search.best.get(sc.name, dict(sc.params)) for sc in config.sources}
         trials.extend(search.trials)
         bar.set_description("tune: blend")
         validate = _Validation(split, events_path, k, workers, Path(tmp))
@@ -277,14 +277,29 @@ class _SourceSearch:
         self.k, self.workers, self.tmp, self.clock, self.bar = k, workers, tmp, clock, bar
         self.trials: list[Trial] = []
         self.seen = seen_items(split)
+        self.best: dict[str, dict[str, Any]] = {}  # params found so far, per source
+        self._state: dict[str, tuple[float, float, Trial]] = {}  # best recall, last s, trial
         self._builds: dict[str, Path] = {}
 
-    def run(self, sc: SourceConfig, until_s: float) -> dict[str, Any]:
-        """The best params found for ``sc`` before ``until_s`` (seconds into the budget)."""
+    def start(self, sc: SourceConfig) -> None:
+        """Measure ``sc`` as configured: the baseline its search must beat."""
         self.bar.set_description(f"tune: {sc.name}")
-        current = dict(sc.params)
-        best, last_s = self._trial(sc, current, "as configured")
-        chosen = self.trials[-1]
+        params = dict(sc.params)
+        recall, seconds = self._trial(sc, params, "as configured")
+        self.best[sc.name] = params
+        self._state[sc.name] = (recall, seconds, self.trials[-1])
+
+    def need_s(self, sc: SourceConfig) -> float:
+        """Seconds the whole search of ``sc`` would take at the pace of its first trial."""
+        n = sum(len(values) for _, values in _space(sc))
+        return n * self._state[sc.name][1]
+
+    def run(self, sc: SourceConfig, until_s: float) -> None:
+        """Coordinate descent from ``start``'s baseline until ``until_s`` (seconds into the
+        budget): each parameter in turn takes the value that measures best, if any beats it."""
+        self.bar.set_description(f"tune: {sc.name}")
+        best, last_s, chosen = self._state[sc.name]
+        current = self.best[sc.name]
         for name, values in _space(sc):
             here = getattr(_resolved(sc, current), name)
             for value in values:
@@ -304,20 +319,19 @@ class _SourceSearch:
                 if recall > best + _BETTER:
                     best, current, chosen = recall, candidate, self.trials[-1]
         chosen.chosen = True
-        self._builds.clear()
+        self.best[sc.name] = current
+        self._builds = {k: v for k, v in self._builds.items() if not k.startswith(f"{sc.name}/")}
         shutil.rmtree(self.tmp / sc.name, ignore_errors=True)
-        return current
 
     def _trial(self, sc: SourceConfig, params: dict[str, Any], note: str) -> tuple[float, float]:
         t0 = time.perf_counter()
         cfg = _alone(self.config, sc, params)
         only = cfg.sources[0]
-        key = params_hash(only.kind, build_params_hash_input(only.resolved_params))
+        key = f"{sc.name}/" + params_hash(only.kind, build_params_hash_input(only.resolved_params))
         artifacts = self._builds.get(key)
         if artifacts is None:
-            artifacts = self.tmp / sc.name / key[:16]
-            if only.source_class.learns() or not artifacts.exists():
-                build(cfg, self.events_path, artifacts, events=self.split.train, progress=False)
+            artifacts = self.tmp / key[: len(sc.name) + 17]
+            build(cfg, self.events_path, artifacts, events=self.split.train, progress=False)
             self._builds[key] = artifacts
         served = for_artifacts(cfg, artifacts, self.k)
         runs = collect(served, self.split, self.k, self.workers, False, live_blend=False)
