@@ -44,6 +44,9 @@ def build_params_hash_input(params: SourceParams) -> dict[str, Any]:
     data = params.model_dump(mode="json")
     for key in getattr(type(params), "serving_params", frozenset()):
         data.pop(key, None)
+    version = getattr(type(params), "build_version", 1)
+    if version != 1:  # version 1 adds nothing: builds made before versions existed still match
+        data["build_version"] = version
     return data
 
 

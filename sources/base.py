@@ -54,6 +54,10 @@ class SourceParams(BaseModel):
     """Fields that only shape retrieval (e.g. how much history to read): changing them does not
     invalidate a build."""
 
+    build_version: ClassVar[int] = 1
+    """Bumped when the builder's output changes for the same params, so older builds are refused
+    instead of served as if they were new."""
+
 
 class NoParams(SourceParams):
     pass

@@ -33,21 +33,30 @@ _PAIRS_PER_PARTITION = 60_000_000
 
 class CovisitationParams(SourceParams):
     """A pair a -> b weighs b's event: its ``weight`` column times ``event_weights[type]``
-    (unknown types 1), times ``2 ** (-age / half_life)`` when time decay is on, age measured
-    from the log's last event. ``chunk_events`` only trades build memory for passes."""
+    (unknown types 1), times ``1 / d`` for a pair ``d`` events apart (``distance_weight:
+    inverse``), times ``2 ** (-age / half_life)`` when time decay is on, age measured from the
+    log's last event. ``chunk_events`` only trades build memory for passes."""
 
     window: int = Field(10, ge=1, le=1000)
+    # inverse: the closer two views, the more related (the 1/d of sequential rules in Ludewig
+    # & Jannach's session-based baselines, 2018); constant: every pair in the window counts 1
+    distance_weight: Literal["constant", "inverse"] = "inverse"
     session_gap_s: float = Field(1800.0, gt=0)
     event_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
     time_decay_half_life_days: float | None = Field(None, gt=0)
     direction: Literal["symmetric", "forward"] = "symmetric"
-    top_k: int = Field(100, ge=1, le=10_000)
+    top_k: int | None = Field(100, ge=1)  # None: every neighbour
     history: int = Field(20, ge=1, le=10_000)
     recency_decay: float = Field(0.9, gt=0, le=1)
+    # a history item's own score: weight x self_weight x its row's top score
+    self_weight: float = Field(1.0, ge=0)
+    expand_decay: float = Field(0.5, ge=0, le=1)  # second hop when short of k; 0: off
     chunk_events: int = Field(2_000_000, ge=1)
     backend: Literal["local", "redis"] = "local"  # redis: rows pushed by `retrieval push`
 
-    serving_params = frozenset({"history", "recency_decay", "chunk_events", "backend"})
+    serving_params = frozenset(
+        {"history", "recency_decay", "self_weight", "expand_decay", "chunk_events", "backend"}
+    )
 
 
 def _sessions(
@@ -134,6 +143,8 @@ def count_pairs(
         i = np.flatnonzero((session[d:] == session[:-d]) & (items[d:] != items[:-d]))
         j = i + d
         decay = 1.0 if half_life is None else np.exp2(-(t_max - stamps[j]) / half_life)
+        if params.distance_weight == "inverse":
+            decay = decay / d
         src.append(items[i])
         dst.append(items[j])
         vals.append(weight[j] * decay)
@@ -225,7 +236,8 @@ def build_covisitation(
             else:
                 rows = np.empty(0, np.int64)
                 cols, vals = np.empty(0, np.int32), np.empty(0, np.float64)
-            part = top_k_per_row(rows, cols, vals, hi_item - lo_item, params.top_k)
+            keep = n_items if params.top_k is None else params.top_k
+            part = top_k_per_row(rows, cols, vals, hi_item - lo_item, keep)
             indptr_parts.append(part.indptr[1:])
             index_parts.append(part.indices)
             score_parts.append(part.scores)

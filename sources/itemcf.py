@@ -47,12 +47,14 @@ class ItemCFParams(SourceParams):
     event_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
     history: int = Field(20, ge=1, le=10_000)
     recency_decay: float = Field(0.9, gt=0, le=1)
+    expand_decay: float = Field(0.5, ge=0, le=1)  # second hop when short of k; 0: off
     # Heavy users (crawlers, shared accounts) add n^2 item pairs each and mostly noise: only
     # each user's most recently touched items count. None: every item of every user.
     max_user_items: int | None = Field(500, ge=2)
     backend: Literal["local", "redis"] = "local"  # redis: rows pushed by `retrieval push`
 
-    serving_params = frozenset({"history", "recency_decay", "backend"})
+    serving_params = frozenset({"history", "recency_decay", "expand_decay", "backend"})
+    build_version = 2  # 2: rows keep each item's self-similarity (re-visits come back)
 
 
 def user_item_matrix(
@@ -126,7 +128,11 @@ def blockwise_similarity(
     block_items: int = BLOCK_ITEMS,
     progress: Callable[[float], None] | None = None,
 ) -> CSR:
-    """Top ``k`` positive off-diagonal entries per row of ``W^T W``, one item range at a time."""
+    """Top ``k`` positive entries per row of ``W^T W``, one item range at a time.
+
+    The diagonal stays, as in implicit's models: an item's self-similarity (1 for cosine) is
+    what lets it come back as a candidate when it is in the history (a re-visit).
+    """
     from sparse_dot_topn import sp_matmul_topn
 
     n_items = w.shape[1]
@@ -138,12 +144,10 @@ def blockwise_similarity(
     edges = [*range(0, n_items, max(1, block_items)), n_items]
     blocks = [(a, b) for a, b in itertools.pairwise(edges) if b > a]
     for done, (lo, hi) in enumerate(blocks, 1):
-        # k + 1: the item itself is usually among its own best and is dropped below.
-        s = sp_matmul_topn(wt[lo:hi], w, top_n=k + 1, threshold=0.0, n_threads=threads)
+        s = sp_matmul_topn(wt[lo:hi], w, top_n=k, threshold=0.0, n_threads=threads)
         rows = np.repeat(np.arange(hi - lo, dtype=np.int64), np.diff(s.indptr))
-        keep = s.indices != rows + lo
-        part = top_k_per_row(rows[keep], s.indices[keep], s.data[keep], hi - lo, k)
-        del s, rows, keep
+        part = top_k_per_row(rows, s.indices, s.data, hi - lo, k)
+        del s, rows
         lengths[lo:hi] = np.diff(part.indptr)
         index_parts.append(part.indices)
         score_parts.append(part.scores)

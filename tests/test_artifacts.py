@@ -263,3 +263,20 @@ def test_prefetch_reads_every_file_through_links_and_skips_broken_ones(tmp_path:
     (serving / "covisit").symlink_to(part)  # how large_catalog.py merges per-source builds
     (serving / "gone").symlink_to(tmp_path / "nowhere")
     assert prefetch_page_cache(serving, chunk_bytes=4096) == 100_002
+
+
+def test_a_bumped_build_version_refuses_builds_of_the_older_builder() -> None:
+    from typing import ClassVar
+
+    from retrieval.build import build_params_hash_input
+    from sources.itemcf import ItemCFParams
+
+    class Older(ItemCFParams):
+        build_version: ClassVar[int] = 1
+
+    new, old = ItemCFParams(), Older()
+    assert build_params_hash_input(new)["build_version"] == 2
+    assert "build_version" not in build_params_hash_input(old)  # hashes from before versions
+    assert params_hash("itemcf", build_params_hash_input(new)) != params_hash(
+        "itemcf", build_params_hash_input(old)
+    )

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from retrieval.events import read_events
-from retrieval.types import Request
+from retrieval.types import Deadline, Request
 from sources.base import SourceContext
 from sources.covisitation import CovisitationParams, CovisitationSource, build_covisitation
 from tests.builds import build_source
@@ -28,9 +28,25 @@ def test_window_counts(tmp_path):
     ev = log(tmp_path, ["1,10,0", "1,11,1", "1,12,2", "1,13,3"])
     csr, _ = build_covisitation(ev, CovisitationParams(window=1), tmp_path / "s")
     assert neighbours(csr, ev, 11) == {10: 1.0, 12: 1.0}
-    csr, _ = build_covisitation(ev, CovisitationParams(window=2), tmp_path / "s")
+    p = CovisitationParams(window=2, distance_weight="constant")
+    csr, _ = build_covisitation(ev, p, tmp_path / "s")
     assert neighbours(csr, ev, 10) == {11: 1.0, 12: 1.0}
     assert neighbours(csr, ev, 11) == {10: 1.0, 12: 1.0, 13: 1.0}
+
+
+def test_inverse_distance_weights_a_pair_by_one_over_its_distance(tmp_path):
+    # one session a b c d e, window 3: a pair d events apart weighs 1/d (the default)
+    ev = log(tmp_path, ["1,10,0", "1,11,1", "1,12,2", "1,13,3", "1,14,4"])
+    csr, _ = build_covisitation(ev, CovisitationParams(window=3), tmp_path / "s")
+    assert neighbours(csr, ev, 10) == pytest.approx({11: 1.0, 12: 1 / 2, 13: 1 / 3})
+    assert neighbours(csr, ev, 12) == pytest.approx({10: 1 / 2, 11: 1.0, 13: 1.0, 14: 1 / 2})
+    # a pair seen at two distances adds both weights: 10 _ 11 and 10 11
+    ev = log(tmp_path, ["1,10,0", "1,12,1", "1,11,2", "2,10,3", "2,11,4"], name="two.csv")
+    csr, _ = build_covisitation(ev, CovisitationParams(window=2), tmp_path / "s")
+    assert neighbours(csr, ev, 10) == pytest.approx({11: 1 / 2 + 1.0, 12: 1.0})
+    p = CovisitationParams(window=2, distance_weight="constant")
+    csr, _ = build_covisitation(ev, p, tmp_path / "s")
+    assert neighbours(csr, ev, 10) == pytest.approx({11: 2.0, 12: 1.0})
 
 
 def test_repeated_pairs_add_up_and_rank(tmp_path):
@@ -108,8 +124,17 @@ def test_top_k_truncates(tmp_path):
 
 def test_self_pairs_are_not_counted(tmp_path):
     ev = log(tmp_path, ["1,10,0", "1,10,1", "1,11,2"])
-    csr, _ = build_covisitation(ev, CovisitationParams(window=2), tmp_path / "s")
+    p = CovisitationParams(window=2, distance_weight="constant")
+    csr, _ = build_covisitation(ev, p, tmp_path / "s")
     assert neighbours(csr, ev, 10) == {11: 2.0}
+
+
+def test_top_k_none_keeps_every_neighbour(tmp_path):
+    ev = log(tmp_path, [f"1,{10 + i},{i}" for i in range(8)])
+    csr, _ = build_covisitation(ev, CovisitationParams(window=7, top_k=None), tmp_path / "s")
+    assert len(neighbours(csr, ev, 10)) == 7
+    csr, _ = build_covisitation(ev, CovisitationParams(window=7, top_k=3), tmp_path / "s")
+    assert neighbours(csr, ev, 10) == pytest.approx({11: 1.0, 12: 1 / 2, 13: 1 / 3})
 
 
 def test_chunked_and_partitioned_build_equals_one_pass(tmp_path, monkeypatch):
@@ -135,16 +160,27 @@ def test_chunked_and_partitioned_build_equals_one_pass(tmp_path, monkeypatch):
     assert not (tmp_path / "b").exists()  # spill files are cleaned up
 
 
-def test_retrieve_sums_neighbours_and_excludes_history(tmp_path):
-    ev_rows = ["1,10,0", "1,11,1", "2,12,0", "2,11,1", "3,12,0", "3,13,1"]
-    src = build_source(tmp_path, CovisitationSource, CovisitationParams(window=1), ev_rows)
-    # history 10 (older) then 12 (newer, weight 1); decay 0.9 for 10
+def test_retrieve_sums_neighbours_and_keeps_history_items(tmp_path):
+    # sessions 10 11 and 10 12: 10's row {11: 1, 12: 1}, 11's {10: 1}, 12's {10: 1}
+    ev_rows = ["1,10,0", "1,11,1", "2,10,0", "2,12,1"]
+    p = CovisitationParams(window=1, self_weight=0.0, expand_decay=0.0)
+    src = build_source(tmp_path, CovisitationSource, p, ev_rows)
+    # history 10 (older, weight 0.9) then 12 (newer, weight 1)
     req = Request(history=(10, 12))
-    ids, scores = src.retrieve(req, 10, __import__("retrieval.types").types.Deadline.in_ms(100))
-    got = dict(zip(ids.tolist(), scores.tolist(), strict=True))
-    # 11: from 10 (0.9 * 1) + from 12 (1 * 1) = 1.9; 13: from 12 = 1.0
-    assert got == pytest.approx({11: 1.9, 13: 1.0})
-    assert ids.tolist() == [11, 13]
+    ids, scores = src.retrieve(req, 10, Deadline.in_ms(100))
+    # history items are candidates scored like any other: 10 via 12's row (1 * 1), 12 via
+    # 10's row (0.9 * 1); 11 via 10's row (0.9 * 1); a tie goes to the smaller id
+    assert ids.tolist() == [10, 11, 12]
+    assert scores.tolist() == pytest.approx([1.0, 0.9, 0.9])
+    # self_weight adds weight x self_weight x the item's own row top (1.0 for both here)
+    src2 = CovisitationSource("src", p.model_copy(update={"self_weight": 1.0}), src.context)
+    ids, scores = src2.retrieve(req, 10, Deadline.in_ms(100))
+    assert dict(zip(ids.tolist(), scores.tolist(), strict=True)) == pytest.approx(
+        {10: 1.0 + 0.9, 12: 0.9 + 1.0, 11: 0.9}
+    )
+    # seed items ("more like this") are what the caller shows: never candidates
+    ids, _ = src2.retrieve(Request(history=(12,), seed_items=(10,)), 10, Deadline.in_ms(100))
+    assert 10 not in ids.tolist() and 12 in ids.tolist()
 
 
 class TestCovisitationContract(SourceContract):

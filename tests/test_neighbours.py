@@ -24,11 +24,32 @@ def csr_from(rows):
 CSR_HAND = csr_from({0: [(1, 3.0), (2, 1.0)], 1: [(2, 2.0), (3, 1.0)], 2: [(0, 5.0)], 4: []})
 
 
+HIST = np.array([0, 1], np.int32)
+HIST_W = np.array([1.0, 0.5], np.float32)
+
+
 def test_weighted_sum_by_hand():
-    ids, sc = aggregate(CSR_HAND, np.array([0, 1], np.int32), np.array([1.0, 0.5], np.float32), 10)
-    # candidates: 1 (3.0, but it is history), 2 (1.0 + 0.5*2 = 2.0), 3 (0.5)
-    assert ids.tolist() == [2, 3]
-    assert sc.tolist() == pytest.approx([2.0, 0.5])
+    ids, sc = aggregate(CSR_HAND, HIST, HIST_W, 10)
+    # candidates: 1 (3.0 from 0's row: history items stay candidates), 2 (1.0 + 0.5*2 = 2.0),
+    # 3 (0.5); 0 is in neither row
+    assert ids.tolist() == [1, 2, 3]
+    assert sc.tolist() == pytest.approx([3.0, 2.0, 0.5])
+
+
+def test_self_weight_scores_history_items_by_their_own_rows_top():
+    ids, sc = aggregate(CSR_HAND, HIST, HIST_W, 10, self_weight=1.0)
+    # 0: 1.0 * 1 * 3.0 (its row's top); 1: 3.0 from 0's row + 0.5 * 1 * 2.0
+    assert ids.tolist() == [1, 0, 2, 3]
+    assert sc.tolist() == pytest.approx([4.0, 3.0, 2.0, 0.5])
+    ids, sc = aggregate(CSR_HAND, HIST, HIST_W, 10, self_weight=0.5)
+    assert dict(zip(ids.tolist(), sc.tolist(), strict=True)) == pytest.approx(
+        {1: 3.5, 0: 1.5, 2: 2.0, 3: 0.5}
+    )
+
+
+def test_dropped_ids_are_never_returned():
+    ids, _ = aggregate(CSR_HAND, HIST, HIST_W, 10, drop=np.array([2, -1], np.int32))
+    assert ids.tolist() == [1, 3]
 
 
 def test_unknown_and_empty_rows():
