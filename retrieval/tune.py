@@ -78,17 +78,18 @@ SEARCH_SPACES: Mapping[str, Space] = {
         ("window", (2, 5, 10, 20)),
         ("distance_weight", ("constant", "inverse")),
         ("direction", ("symmetric", "forward")),
-        ("top_k", (50, 100, 300, 1000)),
+        ("top_k", (50, 100, 300, None)),  # None: every neighbour
         ("history", (3, 10, 20, 50)),
         ("recency_decay", (0.5, 0.7, 0.9, 1.0)),
-        ("expand_decay", (0.0, 0.1, 0.3, 1.0)),
+        ("self_weight", (0.0, 0.5, 1.0, 2.0)),
+        ("expand_decay", (0.0, 0.5)),  # any value above 0 ranks the same: on or off
     ),
     "itemcf": (
         ("model", ("cosine", "bm25", "tfidf")),
         ("neighbours", (20, 50, 100, 200, 500)),
         ("history", (3, 10, 20, 50)),
         ("recency_decay", (0.5, 0.7, 0.9, 1.0)),
-        ("expand_decay", (0.0, 0.1, 0.3, 1.0)),
+        ("expand_decay", (0.0, 0.5)),
     ),
     "popularity": (("half_life_days", (0.25, 1.0, 3.0, 7.0, 30.0, 180.0)),),
     "recent": (
