@@ -1,4 +1,4 @@
-"""Approximate nearest neighbours over item embeddings (annoy or faiss), queried with a user vector.
+"""Nearest neighbours over item embeddings (exact, faiss IVF or annoy), queried with a user vector.
 
 Embeddings come from the user (``embeddings`` + ``embedding_ids``: ``.npy`` files, e.g. a
 two-tower model's item tower) or are learned from the event log with implicit's ALS. The query
@@ -8,10 +8,12 @@ instead, unless the history is newer than the build, with ``user_vector: trained
 normalised weighted mean of the recent items' embeddings (user-supplied embeddings have no model
 to re-solve with).
 
-annoy segfaults on a wrong dimension or a damaged file, so every index has a JSON sidecar
+annoy segfaults on a wrong dimension or a damaged file, so every build has a JSON sidecar
 (``ann.json``) that is validated before the index is opened, and one self-check query runs after.
-``backend: faiss`` swaps the annoy index for a faiss IVF index (``sources.ann_faiss``): annoy
-cannot reach recall 0.95 at k = 1,000 over millions of items within the budget (issue 6).
+``backend: auto`` (the default) serves small catalogues by exact search (``sources.ann_exact``)
+and larger ones from a faiss IVF index (``sources.ann_faiss``); annoy stays an explicit choice: it
+cannot reach recall 0.95 at k = 1,000 over millions of items within the budget (issue 6), and at
+43k items its recall was 0.50 of exact search at only 1.2x its speed (issue 10).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from threadpoolctl import threadpool_limits
 from retrieval.artifacts import ArtifactError, IdMap
 from retrieval.events import DEFAULT_EVENT_WEIGHTS, event_weight_vector
 from retrieval.types import Deadline, Request, as_id_array
+from sources.ann_exact import ExactSearch
 from sources.ann_faiss import INDEX as FAISS_INDEX
 from sources.ann_faiss import FaissIVF, build_ivf, default_nprobe
 from sources.base import Ranked, SkipSource, Source, SourceContext, SourceParams
@@ -43,11 +46,25 @@ from sources.history import weighted_history
 if TYPE_CHECKING:
     from retrieval.events import EventLog
 
-__all__ = ["AnnParams", "AnnSource"]
+__all__ = ["EXACT_MAX_ITEMS", "AnnParams", "AnnSource", "resolve_backend", "resolve_metric"]
 
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+# backend: auto serves exact search up to this many items and faiss IVF above: where exact
+# search is as fast as IVF at k = 1,000 within a ~2 ms budget, with recall 1 and no index.
+# `python benchmarks/ann_exact_vs_ivf.py --sizes 10000 50000 100000 200000 500000` on the
+# project's 2-core machine (shared), 64-d ALS-like vectors, one thread, IVF calibrated to 0.97;
+# latency p50/p99 ms (exact faiss IndexFlatIP was no faster than numpy at any size):
+#   items   exact numpy    faiss IVF    IVF recall@1000 vs exact
+#    10k    0.15 / 0.25    0.43 / 0.65  0.987
+#    50k    1.28 / 1.63    1.30 / 1.64  0.996
+#   100k    1.82 / 2.60    1.13 / 1.36  0.987
+#   200k    4.42 / 6.84    3.29 / 3.60  0.998
+#   500k   12.6 / 16.2     4.22 / 6.03  0.987
+# DIGINETICA's 43k ALS vectors (3,000 re-solved sessions): exact 0.81 / 1.57, IVF (nprobe 256 of
+# 1,001) 0.73 / 1.07 with recall 0.986 of exact; recall@1000 of the next item 0.9263 vs 0.9260.
+EXACT_MAX_ITEMS = 50_000
 SIDECAR = "ann.json"
 INDEX = "index.ann"
 _ON_DISK_AUTO = 1_000_000  # items above which the index is built on disk, not in RAM
@@ -69,11 +86,31 @@ class AnnParams(SourceParams):
     drifting taste: on the synthetic log, hit@1000 of the next item is 0.42 re-solved vs 0.02
     trained); ``trained`` uses the trained factors unless the history is newer than the build.
 
-    ``backend: faiss`` builds an IVF index instead of annoy: ``nlist`` lists (default ~4 sqrt(n)),
-    ``nprobe`` scanned per query (default: the smallest that reached ``target_recall`` at build),
-    ``storage`` flat or sq8 (4x smaller; the best ``rerank`` candidates are re-scored exactly),
-    ``balance_lists`` splits oversized k-means lists. ``n_trees``/``search_k`` are annoy's, the
-    rest faiss's.
+    History items stay candidates, ranked by their score like any other item (as the neighbour
+    sources keep them; ``blend.exclude_seen`` is the filter that drops seen items): a re-solved
+    session ranks its own items high, and on DIGINETICA, where 24% of next items are re-visits,
+    dropping them cut recall@1000 from 0.926 to 0.698 (textbook ALS; implicit's ``recommend``
+    gives the same two figures with and without ``filter_already_liked_items``).
+    ``exclude_history: true`` drops them in the source. Seed items are never returned.
+
+    ``metric``: unset means ``dot`` for ALS embeddings (ALS's own score: x_u . y_i is what it
+    fits to the preference) and ``angular`` for user-supplied ones (two-tower vectors are usually
+    trained for cosine); set it to override either. It is worth measuring per log: on
+    DIGINETICA cosine over the same ALS vectors found more next items (recall@1000 0.933 vs
+    0.926 at alpha 200, 0.915 vs 0.829 at alpha 40; dot favours long, popular vectors).
+
+    ``alpha`` scales ALS's confidence (c = alpha x weighted count). The default is the 40 of Hu,
+    Koren and Volinsky (2008), who introduced this model; 1 left the observed items barely
+    weighted above the unobserved ones. The best value depends on the log (200 on DIGINETICA):
+    ``retrieval tune`` searches it per log.
+
+    ``backend``: ``auto`` is ``exact`` (every item scored; no index) up to ``EXACT_MAX_ITEMS``
+    items, where that is as fast as faiss IVF at k = 1,000, and ``faiss`` above. ``faiss`` builds
+    an IVF index: ``nlist`` lists (default ~4 sqrt(n)), ``nprobe`` scanned per query (default:
+    the smallest that reached ``target_recall`` at build, measured with serving's metric and
+    query rule), ``storage`` flat or sq8 (4x smaller; the best ``rerank`` candidates are
+    re-scored exactly), ``balance_lists`` splits oversized k-means lists. ``annoy`` is only used
+    when asked for: ``n_trees``/``search_k``/``on_disk_build`` are its knobs.
     """
 
     embeddings: str | None = None
@@ -81,17 +118,18 @@ class AnnParams(SourceParams):
     factors: int = Field(64, ge=1, le=4096)
     regularization: float = Field(0.01, ge=0)
     iterations: int = Field(15, ge=1)
-    alpha: float = Field(1.0, gt=0)
+    alpha: float = Field(40.0, gt=0)
     event_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
-    metric: Literal["angular", "dot", "euclidean"] = "angular"
+    metric: Literal["angular", "dot", "euclidean"] | None = None
     n_trees: int = Field(32, ge=1, le=10_000)
     search_k: int = -1
     on_disk_build: bool | None = None
     history: int = Field(20, ge=0, le=10_000)
     recency_decay: float = Field(0.9, gt=0, le=1)
     user_vector: Literal["history", "trained"] = "history"
+    exclude_history: bool = False
     seed: int = 0
-    backend: Literal["annoy", "faiss"] = "annoy"
+    backend: Literal["auto", "exact", "faiss", "annoy"] = "auto"
     nlist: int | None = Field(None, ge=1)
     nprobe: int | None = Field(None, ge=1)
     storage: Literal["flat", "sq8"] = "flat"
@@ -102,8 +140,30 @@ class AnnParams(SourceParams):
     target_recall: float = Field(0.97, gt=0, le=1)
 
     serving_params = frozenset(
-        {"history", "recency_decay", "user_vector", "search_k", "nprobe", "rerank"}
+        {
+            "history",
+            "recency_decay",
+            "user_vector",
+            "exclude_history",
+            "search_k",
+            "nprobe",
+            "rerank",
+        }
     )
+
+
+def resolve_metric(p: AnnParams) -> str:
+    """The configured metric, else inner product for ALS and cosine for given embeddings."""
+    if p.metric is not None:
+        return p.metric
+    return "angular" if p.embeddings is not None else "dot"
+
+
+def resolve_backend(backend: str, n_items: int) -> str:
+    """``auto``: exact search up to ``EXACT_MAX_ITEMS`` items, faiss IVF above."""
+    if backend != "auto":
+        return backend
+    return "exact" if n_items <= EXACT_MAX_ITEMS else "faiss"
 
 
 def _annoy_metric(metric: str) -> str:
@@ -176,36 +236,61 @@ def _load_embeddings(
     return ordered, id_map
 
 
+def _solve_user(
+    y: npt.NDArray[np.float64],
+    c: npt.NDArray[np.floating[Any]],
+    gram: npt.NDArray[np.float64],
+    regularization: float,
+) -> npt.NDArray[np.float64]:
+    """ALS's user step in closed form, as implicit's ``recalculate_user`` computes it:
+    ``(YtY + reg I + Yh^T (C - I) Yh)^-1 Yh^T C 1`` for the history rows ``Yh`` with
+    confidences ``C`` (cheap for ~20 items: one d x d solve)."""
+    a = gram + regularization * np.eye(gram.shape[0])
+    a += (y.T * (c - 1.0)) @ y
+    return np.asarray(np.linalg.solve(a, y.T @ c), dtype=np.float64)
+
+
 def _calibration_queries(
     events: EventLog,
     items: npt.NDArray[Any],
     own_ids: IdMap | None,
     users: npt.NDArray[np.float32] | None,
+    gram: npt.NDArray[np.float64] | None,
     p: AnnParams,
     n: int = _CALIBRATION_QUERIES,
 ) -> npt.NDArray[np.float32]:
-    """Query vectors like the ones serving will see, for users sampled from the log: their
-    trained ALS factors, or the recency-weighted mean of the unit vectors of their last
-    ``history`` items (the ``history_mean`` rule)."""
+    """Query vectors like the ones serving will build, for users sampled from the log, each at
+    one of their events with the events up to it as history: the trained ALS factors under
+    ``user_vector: trained``; else ALS's re-solve from the last ``history`` items (the
+    ``recalculated`` rule), or for given embeddings the recency-weighted mean of those items'
+    unit vectors (``history_mean``). nprobe calibrated on other queries than serving's would
+    be sized for the wrong directions."""
     rng = np.random.default_rng(p.seed)
     if len(events) == 0:
         return np.empty((0, items.shape[1]), dtype=np.float32)
     picks = rng.choice(len(events), size=min(n, len(events)), replace=False)
-    if users is not None:
+    if users is not None and (gram is None or p.user_vector == "trained"):
         return np.asarray(users[events.users[picks]], dtype=np.float32)
+    event_w = event_weight_vector(events, p.event_weights)
     first = np.searchsorted(events.users, events.users[picks], side="left")
     out = []
     for end, lo in zip(picks.tolist(), first.tolist(), strict=True):
-        codes = events.items[max(lo, end + 1 - max(p.history, 1)) : end + 1]
+        span = slice(max(lo, end + 1 - max(p.history, 1)), end + 1)
+        codes = events.items[span]
         rows = codes if own_ids is None else own_ids.to_dense(events.item_ids.to_external(codes))
         rows = np.asarray(rows)[::-1]  # newest first
-        rows = rows[rows >= 0]
+        w = np.asarray(p.recency_decay ** np.arange(rows.size) * event_w[span][::-1], np.float64)
+        rows, w = rows[rows >= 0], w[rows >= 0]
         if rows.size == 0:
             continue
+        rows, inverse = np.unique(rows, return_inverse=True)  # repeats add up, as in serving
+        summed = np.bincount(inverse.ravel(), weights=w, minlength=rows.size)
         y = np.asarray(items[rows], dtype=np.float64)
+        if gram is not None:
+            out.append(_solve_user(y, p.alpha * summed, gram, p.regularization))
+            continue
         y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
-        w = p.recency_decay ** np.arange(rows.size)
-        out.append((w[:, None] * y).sum(axis=0))
+        out.append((summed[:, None] * y).sum(axis=0))
     if not out:
         return np.empty((0, items.shape[1]), dtype=np.float32)
     return np.asarray(out, dtype=np.float32)
@@ -236,17 +321,17 @@ def _fit_als(
     return items, users
 
 
-def _build_index(x: npt.NDArray[np.float32], p: AnnParams, path: Path) -> bool:
+def _build_index(x: npt.NDArray[np.float32], p: AnnParams, metric: str, path: Path) -> bool:
     n, dims = x.shape
     on_disk = p.on_disk_build if p.on_disk_build is not None else n > _ON_DISK_AUTO
-    index = AnnoyIndex(dims, _annoy_metric(p.metric))  # type: ignore[arg-type]
+    index = AnnoyIndex(dims, _annoy_metric(metric))  # type: ignore[arg-type]
     index.set_seed(p.seed)
     if on_disk:
         index.on_disk_build(str(path))
     # annoy has no batch add; one call per item is its API (chunked so lists stay small).
     for start in range(0, n, _ADD_CHUNK):
         chunk = x[start : start + _ADD_CHUNK]
-        if p.metric == "angular":
+        if metric == "angular":
             chunk = _unit_rows(chunk)
         for i, row in enumerate(chunk.tolist(), start):
             index.add_item(i, row)
@@ -262,7 +347,8 @@ def _build_index(x: npt.NDArray[np.float32], p: AnnParams, path: Path) -> bool:
 
 
 class AnnSource(Source):
-    """Nearest items to a query vector; history items are excluded from the results."""
+    """Nearest items to a query vector; seed items (and with ``exclude_history`` the history
+    items) are excluded from the results."""
 
     kind = "ann"
     Params = AnnParams
@@ -297,13 +383,18 @@ class AnnSource(Source):
             self._users = self._npy(self.dir / "user_factors.npy", (len(self.user_ids), self.dims))
             self._gram = np.asarray(self._npy(self.dir / "gram.npy", (self.dims, self.dims)))
         self.backend: str = meta["backend"]
-        if self.backend != self.p.backend:
+        allowed = ("exact", "faiss") if self.p.backend == "auto" else (self.p.backend,)
+        if self.backend not in allowed:
             raise ArtifactError(
                 f"{self.dir / SIDECAR}: built with backend {self.backend!r}, configured "
                 f"{self.p.backend!r}; rebuild"
             )
         self.index: AnnoyIndex | None = None
         self.ivf: FaissIVF | None = None
+        self.exact: ExactSearch | None = None
+        if self.backend == "exact":
+            self.exact = ExactSearch(self._items, self.metric, self.dir / "item_factors.npy")
+            return
         if self.backend == "faiss":
             self.ivf = FaissIVF(self.dir / FAISS_INDEX, meta)
             self._self_check_faiss()
@@ -338,6 +429,11 @@ class AnnSource(Source):
         if metric not in ("angular", "dot", "euclidean"):
             raise ArtifactError(f"{path}: unknown metric {metric!r}")
         meta.setdefault("backend", "annoy")  # sidecars written before faiss have no key
+        if meta["backend"] == "exact":  # no index: item_factors.npy is checked when it is opened
+            for key in ("max_timestamp", "own_ids", "user_factors"):
+                if key not in meta:
+                    raise ArtifactError(f"{path}: missing {key!r}; rebuild")
+            return meta
         if meta["backend"] == "faiss":
             for key in ("max_timestamp", "index_bytes", "own_ids", "user_factors", "nlist"):
                 if key not in meta:
@@ -449,15 +545,17 @@ class AnnSource(Source):
     def query_vector(
         self, request: Request
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32], str]:
-        """The query vector, the index rows to exclude (history) and which rule produced it."""
+        """The query vector, the index rows to exclude (the seed items, and with
+        ``exclude_history`` the history items) and which rule produced it."""
         ids, weights = weighted_history(
             request, self.p.history, self.p.recency_decay, self.p.event_weights
         )
         rows = self.item_ids.to_dense(ids) if ids.size else np.empty(0, dtype=np.int32)
         known = rows >= 0
         rows, weights = rows[known], weights[known].astype(np.float64)
+        drop = rows if self.p.exclude_history else self._seed_rows(request)
         if request.vector is not None:
-            return self._check_vector(request.vector), rows, "vector"
+            return self._check_vector(request.vector), drop, "vector"
         u = self._user_row(request.user_id)
         stamps = request.history_timestamps
         fresh = (
@@ -469,18 +567,14 @@ class AnnSource(Source):
             )
         )
         if u >= 0 and self._users is not None and (not fresh or rows.size == 0):
-            return np.asarray(self._users[u], dtype=np.float32), rows, "user_factors"
+            return np.asarray(self._users[u], dtype=np.float32), drop, "user_factors"
         if rows.size == 0:
             why = "unknown user" if u < 0 else "user has no factors"
             raise SkipSource(f"no query vector: no request vector, {why}, no known history items")
         y = np.asarray(self._items[np.sort(rows)], dtype=np.float64)
         w = weights[np.argsort(rows)]
         if self._gram is not None:
-            # ALS's user step in closed form: (YtY + reg I + Yh^T (C-1) Yh)^-1 Yh^T C p.
-            c = self.p.alpha * w
-            a = self._gram + self.p.regularization * np.eye(self.dims)
-            a += (y.T * (c - 1.0)) @ y
-            x = np.linalg.solve(a, y.T @ c)
+            x = _solve_user(y, self.p.alpha * w, self._gram, self.p.regularization)
             how = "recalculated"
         else:
             norms = np.linalg.norm(y, axis=1, keepdims=True)
@@ -491,7 +585,14 @@ class AnnSource(Source):
             raise SkipSource(f"no query vector: the {how} vector is degenerate")
         if how == "history_mean":
             x = x / norm
-        return x.astype(np.float32), rows, how
+        return x.astype(np.float32), drop, how
+
+    def _seed_rows(self, request: Request) -> npt.NDArray[np.int32]:
+        """Index rows of the request's seed items ("more like this" never returns the seed)."""
+        if not request.seed_items:
+            return np.empty(0, dtype=np.int32)
+        rows = np.asarray(self.item_ids.to_dense(as_id_array(list(request.seed_items))))
+        return rows[rows >= 0].astype(np.int32)
 
     def _search_k(self, n: int, deadline: Deadline) -> int:
         """annoy's knob, shrunk in proportion when less than ``_TIGHT_MS`` is left."""
@@ -548,7 +649,9 @@ class AnnSource(Source):
                 raise SkipSource("zero query vector under the angular metric")
             v = _unit_rows(v)
         n = min(self.n_items, k + int(exclude.size))
-        if self.ivf is not None:
+        if self.exact is not None:
+            rows, scores = self.exact.search(v, n)
+        elif self.ivf is not None:
             rows, scores = self._faiss_search(v, n, deadline)
         else:
             assert self.index is not None
@@ -573,6 +676,7 @@ class AnnSource(Source):
         if self.index is not None:
             self.index.unload()
         self.ivf = None
+        self.exact = None
 
     # ---- build ---------------------------------------------------------------------------
 
@@ -584,7 +688,7 @@ class AnnSource(Source):
         params: SourceParams,
         progress: Callable[[int], None] | None = None,
     ) -> dict[str, Any]:
-        """Embeddings (given, or ALS), then the annoy or faiss index and its sidecar, last."""
+        """Embeddings (given, or ALS), then the index (none for exact) and its sidecar, last."""
         if not isinstance(params, AnnParams):
             raise TypeError(f"expected AnnParams, got {type(params).__name__}")
         p = params
@@ -605,43 +709,49 @@ class AnnSource(Source):
         np.save(out_dir / "item_factors.npy", items, allow_pickle=False)
         if own_ids is not None:
             own_ids.save(out_dir / "items.npy")
+        gram: npt.NDArray[np.float64] | None = None
         if users is not None:
             np.save(out_dir / "user_factors.npy", users, allow_pickle=False)
             gram = items.astype(np.float64).T @ items.astype(np.float64)
             np.save(out_dir / "gram.npy", gram, allow_pickle=False)
         t1 = time.perf_counter()
         n, dims = items.shape
+        metric = resolve_metric(p)
+        backend = resolve_backend(p.backend, n)
         common = {
             "format_version": FORMAT_VERSION,
-            "backend": p.backend,
+            "backend": backend,
             "dims": int(dims),
-            "metric": p.metric,
+            "metric": metric,
             "n_items": int(n),
             "max_timestamp": float(events.timestamps.max()) if len(events.timestamps) else 0.0,
             "own_ids": own_ids is not None,
             "user_factors": users is not None,
             "origin": origin,
         }
-        if p.backend == "faiss":
+        on_disk = False
+        if backend == "exact":
+            meta: dict[str, Any] = dict(common)
+        elif backend == "faiss":
             ivf = build_ivf(
                 items,
-                p.metric,
+                metric,
                 out_dir / FAISS_INDEX,
                 nlist=p.nlist,
                 storage=p.storage,
                 balance=p.balance_lists,
                 seed=p.seed,
-                queries=_calibration_queries(events, items, own_ids, users, p),
+                queries=_calibration_queries(events, items, own_ids, users, gram, p),
                 k=_CALIBRATION_K,
                 target_recall=p.target_recall,
             )
-            meta: dict[str, Any] = {**common, **ivf}
+            meta = {**common, **ivf}
             on_disk = True
         else:
-            on_disk = _build_index(items, p, out_dir / INDEX)
+            on_disk = _build_index(items, p, metric, out_dir / INDEX)
             meta = {
                 **common,
-                "annoy_metric": _annoy_metric(p.metric),
+                "annoy_metric": _annoy_metric(metric),
                 "n_trees": p.n_trees,
                 "annoy_version": importlib.metadata.version("annoy"),
                 "index_bytes": (out_dir / INDEX).stat().st_size,

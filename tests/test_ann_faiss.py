@@ -171,7 +171,7 @@ def test_nprobe_is_calibrated_at_build_to_the_target_recall(tmp_path, log):
         assert source.nprobe(1000, Deadline.in_ms(1000)) == nprobe
         assert source.nprobe(2000, Deadline.in_ms(1000)) == min(meta["nlist"], 2 * nprobe)
         # The recorded recall is what the index gives for those queries: recompute it here.
-        q = _calibration_queries(log, x, source.item_ids, None, built)
+        q = _calibration_queries(log, x, source.item_ids, None, None, built)
         q /= np.linalg.norm(q, axis=1, keepdims=True)
         truth = np.argsort(-(x / np.linalg.norm(x, axis=1, keepdims=True)) @ q.T, axis=0)[:1000]
         hits = [
