@@ -172,3 +172,15 @@ def test_two_processes_give_the_same_metrics_as_one(tmp_path):
         for key in ("recall@50", "recall_new@10", "hitrate@50", "unique_hits@50"):
             assert one.sources[name][key] == two.sources[name][key], (name, key)
     assert one.blend["recall@50"] == two.blend["recall@50"]
+
+
+def test_cli_eval_report_embeds_every_figure(files, tmp_path):
+    log, cfg_path = files
+    out = tmp_path / "report.html"
+    args = ["eval", str(cfg_path), "--events", str(log), "--split-time", "200", "--k", "1,3"]
+    assert main([*args, "--report", str(out)]) == 0
+    html = out.read_text()
+    assert html.count("<svg") >= 3  # recall curves, overlap, latency
+    for name in ("fixed", "other", "blend", "blend:round_robin"):
+        assert name in html
+    assert "http://" not in html.replace("http://www.w3.org/2000/svg", "")  # nothing fetched
