@@ -28,10 +28,10 @@ from tqdm import tqdm
 from blender.calibration import CALIBRATION_FILE, Calibration, fit_curve
 from blender.fanout import Blender
 from blender.filters import Exclusions
-from blender.merge import SourceList, Strategy, merge, unify_id_dtypes
+from blender.merge import SourceList, merge, unify_id_dtypes
 from retrieval.artifacts import IdMap
 from retrieval.build import build
-from retrieval.config import RetrievalConfig, SourceConfig
+from retrieval.config import RetrievalConfig
 from retrieval.events import EventLog, read_events
 from retrieval.retriever import Retriever, make_blender
 from retrieval.types import Deadline, Request, SourceStatus, as_id_array
@@ -703,30 +703,20 @@ def _coverage(lists: Sequence[npt.NDArray[Any]], n_items: int) -> float:
     return float(np.unique(np.concatenate(unify_id_dtypes(nonempty))).size / n_items)
 
 
-def _offline_merge(
-    lists: Mapping[str, Sequence[npt.NDArray[Any]]],
-    names: Sequence[str],
-    i: int,
-    k: int,
-    strategy: Strategy,
-    configs: Mapping[str, SourceConfig],
-    curves: Mapping[str, npt.NDArray[np.float64]] | None,
-    quotas: Mapping[str, int] | None = None,
+def _quota_merge(
+    lists: Mapping[str, Sequence[npt.NDArray[Any]]], i: int, k: int, quotas: Mapping[str, int]
 ) -> npt.NDArray[Any]:
-    parts = []
-    for name in names:
-        ids = lists[name][i]
-        parts.append(
-            SourceList(
-                ids=ids,
-                scores=np.zeros(ids.size, dtype=np.float32),
-                ranks=np.arange(ids.size, dtype=np.int32),
-                weight=configs[name].weight if name in configs else 1.0,
-                quota=None if quotas is None else quotas[name],
-                curve=None if curves is None else curves[name],
-            )
+    """User ``i``'s filtered source lists merged with the given quotas."""
+    parts = [
+        SourceList(
+            ids=lists[name][i],
+            scores=np.zeros(lists[name][i].size, dtype=np.float32),
+            ranks=np.arange(lists[name][i].size, dtype=np.int32),
+            quota=quota,
         )
-    return merge(parts, k, strategy, 60.0).item_ids
+        for name, quota in quotas.items()
+    ]
+    return merge(parts, k, "quota", 60.0).item_ids
 
 
 def _quota_sensitivity(
@@ -745,7 +735,7 @@ def _quota_sensitivity(
     base[names[0]] += k - sum(base.values())
 
     def recall(quotas: Mapping[str, int]) -> float:
-        merged = [_offline_merge(lists, names, i, k, "quota", {}, None, quotas) for i in range(n)]
+        merged = [_quota_merge(lists, i, k, quotas) for i in range(n)]
         return metrics(merged, split, seen, [k])[f"recall@{k}"]
 
     out: dict[str, dict[str, float]] = {"_base": {"recall": recall(base)}}
