@@ -199,7 +199,7 @@ def _command_line() -> str:
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from retrieval.tune import tune, write_tuned_yaml
+    from retrieval.tune import blend_depths, tune, write_tuned_yaml
 
     config = load_config(args.config)
     result = tune(
@@ -219,6 +219,8 @@ def _tune(args: argparse.Namespace) -> int:
             f"{t.seconds:>6.1f}  {t.note}"
         )
     k = result.k
+    depths = ", ".join(f"@{d}" for d in blend_depths(k))
+    print(f"(source trials: recall@{k}; blend trials: recall averaged over {depths})")
     print(f"validation recall@{k} ({result.users} users), as configured -> tuned:")
     for name, after in result.after.items():
         print(f"  {name:<14} {result.before.get(name, float('nan')):.4f} -> {after:.4f}")

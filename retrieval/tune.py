@@ -109,7 +109,7 @@ class Trial:
     stage: str  # "source" or "blend"
     source: str | None
     params: dict[str, Any]
-    recall: float
+    recall: float  # a source's recall@k; a blend's recall averaged over blend_depths(k)
     seconds: float
     chosen: bool = False
     note: str = ""
@@ -126,6 +126,7 @@ class TuneResult:
     budget_exhausted: bool
     seconds: float
     calibration: Calibration | None = None  # rank curves, when the chosen strategy needs them
+    table: dict[str, Any] = field(default_factory=dict)  # tuned: metrics at blend_depths(k)
     curves: dict[str, dict[str, list[float]]] = field(default_factory=dict)
     overlap: dict[str, dict[str, int]] = field(default_factory=dict)
     latency: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -134,14 +135,14 @@ class TuneResult:
         """What ``retrieval.report`` draws for a tuning run (validation figures)."""
         k = self.k
         rows = {
-            name: {f"recall@{k}": after, f"before@{k}": self.before.get(name, float("nan"))}
-            for name, after in self.after.items()
+            name: {**self.table.get("rows", {}).get(name, {}), f"before@{k}": before}
+            for name, before in self.before.items()
         }
         return {
             "title": title,
             "subtitle": subtitle,
             "curves": self.curves,
-            "table": {"ks": [k], "rows": rows},
+            "table": {"ks": self.table.get("ks", [k]), "rows": rows},
             "overlap": self.overlap,
             "latency": self.latency,
             "trials": [asdict(t) for t in self.trials],
@@ -225,7 +226,9 @@ def tune(
         validate = _Validation(split, events_path, k, workers, Path(tmp))
         before = validate.figures(validate.answers(config, "before"), config)[0]
         runs = validate.answers(_with_params(config, params), "after")
-        blend_trials, tuned = _tune_blend(config, _with_params(config, params), validate, runs, bar)
+        blend_trials, tuned = _tune_blend(
+            config, _with_params(config, params), validate, runs, clock, bar
+        )
         trials.extend(blend_trials)
         after, report = validate.figures(runs, tuned)
         calibration = None
@@ -393,8 +396,9 @@ class _Validation:
         with Retriever(served) as retriever:
             merged = _BlendScorer(runs, split, seen, k).lists(variant, retriever)
         lists = {n: source_lists(runs, n, blend.blend.exclude_seen, k) for n in runs.answers}
-        recall = {n: metrics(v, split, seen, [k])[f"recall@{k}"] for n, v in lists.items()}
-        recall["blend"] = metrics(merged, split, seen, [k])[f"recall@{k}"]
+        depths = blend_depths(k)
+        table = {n: metrics(v, split, seen, depths) for n, v in {**lists, "blend": merged}.items()}
+        recall = {n: row[f"recall@{k}"] for n, row in table.items()}
         grid = log_grid(k)
         curves = {n: recall_curve(v, split, seen, grid) for n, v in lists.items()}
         curves["blend"] = recall_curve(merged, split, seen, grid)
@@ -404,6 +408,7 @@ class _Validation:
             if v.size
         }
         report = {
+            "table": {"ks": depths, "rows": table},
             "curves": curves,
             "overlap": hits_and_unique(lists, split, k),
             "latency": latency,
@@ -425,47 +430,83 @@ def _tune_blend(
     tuned: RetrievalConfig,
     validate: _Validation,
     answers: tuple[RetrievalConfig, Runs],
+    clock: _Clock,
     bar: tqdm[Any],
 ) -> tuple[list[Trial], RetrievalConfig]:
-    """Search the blend on the tuned sources' answers: exclude seen or not, strategy, rrf_k,
-    then each source's weight (cheap: every trial re-merges answers already in hand)."""
+    """Search the blend on the tuned sources' answers (cheap: every trial re-merges answers in
+    hand): whether to exclude seen items, then each strategy, and for the strategies that use
+    them, each source's weight (and rrf_k) by coordinate descent; the best branch wins.
+
+    Trials are scored by recall averaged over ``blend_depths`` (k, k/10, k/50): the next stage
+    may read only the head of the slate, so a blend that wins at k by burying the best
+    candidates is not better."""
     served, runs = answers
     scorer = _BlendScorer(runs, validate.split, validate.seen, validate.k)
     trials: list[Trial] = []
+    last_s = 0.0
+
     with Retriever(served) as retriever:
 
-        def score(variant: RetrievalConfig, note: str) -> float:
+        def score(variant: RetrievalConfig, note: str, force: bool = False) -> float | None:
+            nonlocal last_s
+            if not force and not clock.allows(last_s, clock.budget_s):
+                bar.update(1)
+                return None
             t = time.perf_counter()
             recall = scorer.recall(variant, retriever)
-            seconds = time.perf_counter() - t
-            trials.append(Trial("blend", None, _blend_params(variant), recall, seconds, note=note))
+            last_s = time.perf_counter() - t
+            trials.append(Trial("blend", None, _blend_params(variant), recall, last_s, note=note))
             bar.update(1)
             bar.set_postfix_str(f"blend {note}: {recall:.4f}")
             return recall
 
-        best_cfg = _blend_changed(served, strategy=original.blend.strategy)
-        best = score(best_cfg, "as configured")
-        chosen = trials[-1]
+        def descend(
+            start: RetrievalConfig, start_score: float, moves: list[tuple[str, Any]]
+        ) -> tuple[RetrievalConfig, float, Trial]:
+            """Coordinate descent from ``start`` over moves ("rrf_k" or a source, value)."""
+            best_cfg, best, chosen = start, start_score, trials[-1]
+            for what, value in moves:
+                if what == "rrf_k":
+                    if value == best_cfg.blend.rrf_k:
+                        continue
+                    variant, note = _blend_changed(best_cfg, rrf_k=value), f"rrf_k={value:g}"
+                else:
+                    if value == best_cfg.source(what).weight:
+                        continue
+                    variant = _weight_changed(best_cfg, what, value)
+                    note = f"{best_cfg.blend.strategy}: {what}.weight={value:g}"
+                got = score(variant, note)
+                if got is not None and got > best + _BETTER:
+                    best_cfg, best, chosen = variant, got, trials[-1]
+            return best_cfg, best, chosen
 
-        def consider(variant: RetrievalConfig, note: str) -> None:
-            nonlocal best_cfg, best, chosen
-            if _blend_params(variant) == _blend_params(best_cfg):
-                return
-            recall = score(variant, note)
-            if recall > best + _BETTER:
-                best_cfg, best, chosen = variant, recall, trials[-1]
-
-        for exclude_seen in (original.blend.exclude_seen, not original.blend.exclude_seen):
-            for strategy in STRATEGIES:
-                note = f"strategy={strategy}, exclude_seen={str(exclude_seen).lower()}"
-                consider(_blend_changed(served, strategy=strategy, exclude_seen=exclude_seen), note)
-        if best_cfg.blend.strategy == "rrf":
-            for rrf_k in RRF_KS:
-                consider(_blend_changed(best_cfg, rrf_k=rrf_k), f"rrf_k={rrf_k:g}")
-        if best_cfg.blend.strategy in ("rrf", "score"):
-            for sc in served.sources:
-                for w in WEIGHTS:
-                    consider(_weight_changed(best_cfg, sc.name, w), f"{sc.name}.weight={w:g}")
+        start = _blend_changed(served, strategy=original.blend.strategy)
+        first = score(start, "as configured", force=True)
+        assert first is not None
+        best_cfg, best, chosen = start, first, trials[-1]
+        flipped = _blend_changed(start, exclude_seen=not start.blend.exclude_seen)
+        got = score(flipped, f"exclude_seen={str(flipped.blend.exclude_seen).lower()}")
+        if got is not None and got > best + _BETTER:
+            best_cfg, best, chosen = flipped, got, trials[-1]
+        exclude_seen = best_cfg.blend.exclude_seen
+        weights = [(sc.name, w) for sc in served.sources for w in WEIGHTS]
+        for strategy in STRATEGIES:
+            branch = _blend_changed(served, strategy=strategy, exclude_seen=exclude_seen)
+            if _blend_params(branch) == _blend_params(start):
+                got = first
+                trials[0].note += f" ({strategy})"
+            else:
+                got = score(branch, f"strategy={strategy}")
+            if got is None:
+                continue
+            moves: list[tuple[str, Any]] = []
+            if strategy == "rrf":
+                moves = [("rrf_k", v) for v in RRF_KS] + weights
+            elif strategy == "score":
+                moves = weights
+            found, found_score, found_trial = descend(branch, got, moves)
+            if found_score > best + _BETTER:
+                best_cfg, best, chosen = found, found_score, found_trial
         chosen.chosen = True
     result = tuned.model_copy(
         update={
@@ -474,6 +515,11 @@ def _tune_blend(
         }
     )
     return trials, result
+
+
+def blend_depths(k: int) -> list[int]:
+    """Where a blend is judged: k, k/10 and k/50 (20, 100 and 1,000 for k = 1,000)."""
+    return sorted({max(1, k // 50), max(1, k // 10), k})
 
 
 def _blend_changed(config: RetrievalConfig, **changes: Any) -> RetrievalConfig:
@@ -542,8 +588,11 @@ class _BlendScorer:
         return self._curves[exclude_seen]
 
     def recall(self, variant: RetrievalConfig, retriever: Retriever) -> float:
+        """Recall averaged over ``blend_depths``."""
         lists = self.lists(variant, retriever)
-        return metrics(lists, self.split, self.seen, [self.k])[f"recall@{self.k}"]
+        depths = blend_depths(self.k)
+        got = metrics(lists, self.split, self.seen, depths)
+        return float(np.mean([got[f"recall@{d}"] for d in depths]))
 
 
 def _subset(runs: Runs, idx: npt.NDArray[np.intp]) -> Runs:
