@@ -62,3 +62,24 @@ def test_calibrated_quota_is_a_floor():
     m = merge([a, b], k=2, strategy="calibrated", rrf_k=60)
     assert sorted(m.item_ids.tolist()) == [1, 9]
     assert m.item_ids.tolist() == [1, 9]  # still ordered by chance
+
+
+def test_cli_calibrate_writes_curves_a_calibrated_retriever_serves(tmp_path):
+    from retrieval.cli import main
+    from retrieval.retriever import Retriever
+    from tests.session_log import write_session_log
+
+    log = tmp_path / "log.csv"
+    write_session_log(log, sessions=300, seed=5)
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(
+        "k: 20\nartifacts: art\nblend: {strategy: calibrated, exclude_seen: false}\nsources:\n"
+        "  - {name: covisit, kind: covisitation}\n  - {name: popular, kind: popularity}\n"
+    )
+    assert main(["build", str(cfg), "--events", str(log)]) == 0
+    assert main(["calibrate", str(cfg), "--events", str(log), "--users", "100"]) == 0
+    curves = Calibration.load(tmp_path / "art" / "calibration.json", ["covisit", "popular"])
+    assert curves.users > 0 and curves.curves["covisit"].p[0] > 0
+    with Retriever.from_yaml(cfg) as retriever:
+        result = retriever.blend(user_id="s1", history=[1, 2])
+    assert len(result) == 20
