@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 from retrieval.artifacts import ArtifactError
 from retrieval.config import ConfigError, RetrievalConfig, load_config
@@ -182,20 +182,26 @@ def _eval(args: argparse.Namespace) -> int:
     report = evaluate(config, split, path, args.k)
     print(format_report(report))
     print(f"evaluated in {report.seconds:.1f}s")
+    _write_outputs(args, report.to_dict(), lambda t, s: report_data(report, t, s))
+    return 0
+
+
+def _write_outputs(
+    args: argparse.Namespace,
+    data: dict[str, Any],
+    report: Callable[[str, str], dict[str, Any]],
+) -> None:
+    """``--json`` and ``--report``, the same for every command that measures."""
     if args.json:
-        args.json.write_text(json.dumps(report.to_dict(), indent=2))
+        args.json.write_text(json.dumps(data, indent=2))
         print(f"wrote {args.json}")
     if args.report:
         from retrieval.report import ReportData, write_report
 
-        title = f"retrieval eval {args.config.name}"
-        write_report(args.report, cast("ReportData", report_data(report, title, _command_line())))
+        title = f"retrieval {args.command} {args.config.name}"
+        command = "retrieval " + " ".join(sys.argv[1:])
+        write_report(args.report, cast("ReportData", report(title, command)))
         print(f"wrote {args.report}")
-    return 0
-
-
-def _command_line() -> str:
-    return "retrieval " + " ".join(sys.argv[1:])
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -210,7 +216,7 @@ def _tune(args: argparse.Namespace) -> int:
         holdout=args.holdout,
         users=args.users,
     )
-    write_tuned_yaml(result, config, args.out, _command_line())
+    write_tuned_yaml(result, config, args.out, "retrieval " + " ".join(sys.argv[1:]))
     print(f"{'trial':>5}  {'stage':<6} {'source':<12} {'recall':>8} {'s':>6}  change")
     for i, t in enumerate(result.trials):
         mark = "*" if t.chosen else " "
@@ -227,16 +233,7 @@ def _tune(args: argparse.Namespace) -> int:
     if result.budget_exhausted:
         print(f"the {args.budget_minutes:g}-minute budget cut the search short")
     print(f"tuned in {result.seconds / 60:.1f} min; wrote {args.out}")
-    if args.json:
-        args.json.write_text(json.dumps(result.to_dict(), indent=2))
-        print(f"wrote {args.json}")
-    if args.report:
-        from retrieval.report import ReportData, write_report
-
-        title = f"retrieval tune {args.config.name}"
-        data = result.report_data(title, _command_line())
-        write_report(args.report, cast("ReportData", data))
-        print(f"wrote {args.report}")
+    _write_outputs(args, result.to_dict(), result.report_data)
     return 0
 
 
