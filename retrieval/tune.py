@@ -203,7 +203,8 @@ def tune(
         events = read_events(events_path, config.events.columns, needed_segments(config))
     split = holdout_split(events, holdout, users, seed=seed)
     k = min(config.k, len(split.train.item_ids))
-    planned = sum(len(v) for sc in config.sources for _, v in _space(sc)) + 40
+    blend_trials = 2 + len(STRATEGIES) + len(RRF_KS) + 2 * len(WEIGHTS) * len(config.sources)
+    planned = sum(len(v) for sc in config.sources for _, v in _space(sc)) + blend_trials
     trials: list[Trial] = []
     with (
         tempfile.TemporaryDirectory(prefix="retrieval-tune-") as tmp,
@@ -225,11 +226,10 @@ def tune(
         bar.set_description("tune: blend")
         validate = _Validation(split, events_path, k, workers, Path(tmp))
         before = validate.figures(validate.answers(config, "before"), config)[0]
-        runs = validate.answers(_with_params(config, params), "after")
-        blend_trials, tuned = _tune_blend(
-            config, _with_params(config, params), validate, runs, clock, bar
-        )
-        trials.extend(blend_trials)
+        sources_tuned = _with_params(config, params)
+        runs = validate.answers(sources_tuned, "after")
+        found, tuned = _tune_blend(config, sources_tuned, validate, runs, clock, bar)
+        trials.extend(found)
         after, report = validate.figures(runs, tuned)
         calibration = None
         if tuned.blend.strategy == "calibrated":
@@ -319,7 +319,17 @@ class _SourceSearch:
                     logger.debug("skip %s=%r for %s: %s", name, value, sc.name, exc)
                     self.bar.update(1)
                     continue
-                recall, last_s = self._trial(sc, candidate, f"{name}={value!r}")
+                try:
+                    recall, last_s = self._trial(sc, candidate, f"{name}={value!r}")
+                except Exception as exc:  # one bad combination must not lose the whole search
+                    logger.warning("tune: %s %s=%r failed: %s", sc.name, name, value, exc)
+                    self.trials.append(
+                        Trial(
+                            "source", sc.name, candidate, float("nan"), 0.0, note=f"failed: {exc}"
+                        )
+                    )
+                    self.bar.update(1)
+                    continue
                 if recall > best + _BETTER:
                     best, current, chosen = recall, candidate, self.trials[-1]
         chosen.chosen = True

@@ -145,3 +145,25 @@ def test_tune_refuses_a_log_without_validation_users(tmp_path):
     out = tmp_path / "t.yaml"
     assert main(["tune", str(cfg), "--events", str(log), "--out", str(out)]) == 2
     assert not out.exists()
+
+
+def test_a_trial_that_fails_is_reported_and_the_search_goes_on(setup, monkeypatch):
+    from sources.covisitation import CovisitationSource
+
+    log, cfg = setup
+    real_build = CovisitationSource.build.__func__
+
+    def build(cls, events, out_dir, params, progress=None):
+        if params.window == 5:
+            raise MemoryError("pretend window 5 does not fit")
+        return real_build(cls, events, out_dir, params, progress)
+
+    monkeypatch.setattr(CovisitationSource, "build", classmethod(build))
+    result = tune_module.tune(
+        load_config(cfg), log, budget_minutes=30, seed=3, users=150, workers=1, progress=False
+    )
+    failed = [t for t in result.trials if t.note.startswith("failed")]
+    assert [t.params["window"] for t in failed] == [5]
+    assert "pretend window 5" in failed[0].note
+    assert any(t.note == "history=3" for t in result.trials)  # the next parameter was searched
+    assert result.config.source("covisit").resolved_params.window != 5
