@@ -31,7 +31,6 @@ sources:
     kind: itemcf
   - name: ann
     kind: ann
-    params: {{factors: 32, iterations: 10, n_trees: 16}}
   - name: popular
     kind: popularity
     params: {{segments: [country]}}
