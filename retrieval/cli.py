@@ -279,6 +279,16 @@ def _k_list(text: str) -> list[int]:
     return ks
 
 
+def _minutes(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected minutes, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of minutes, got {text}")
+    return value
+
+
 def _positive(text: str) -> int:
     value = int(text.replace("_", ""))
     if value < 1:
@@ -338,7 +348,7 @@ def _parser() -> argparse.ArgumentParser:
     tu.add_argument("--out", type=Path, required=True, help="where to write TUNED.yaml")
     tu.add_argument(
         "--budget-minutes",
-        type=float,
+        type=_minutes,
         default=15.0,
         help="stop searching when this is spent (the best found so far is kept)",
     )

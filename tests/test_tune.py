@@ -167,3 +167,11 @@ def test_a_trial_that_fails_is_reported_and_the_search_goes_on(setup, monkeypatc
     assert "pretend window 5" in failed[0].note
     assert any(t.note == "history=3" for t in result.trials)  # the next parameter was searched
     assert result.config.source("covisit").resolved_params.window != 5
+
+
+@pytest.mark.parametrize("budget", ["0", "-5", "nan", "soon"])
+def test_tune_refuses_a_budget_that_is_not_positive_minutes(budget, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["tune", "c.yaml", "--events", "l.csv", "--out", "t.yaml", "--budget-minutes", budget])
+    assert exit_.value.code == 2
+    assert "--budget-minutes" in capsys.readouterr().err
