@@ -342,10 +342,10 @@ def evaluate(
         report.variants[label] = metrics(blends[label], split, seen, ks)
     report.calibration = calibration
     grid = log_grid(ks[-1])
-    report.curves = {n: recall_curve(v, split, seen, grid) for n, v in lists.items()}
-    report.curves["blend"] = recall_curve(blends[_BLEND], split, seen, grid)
+    report.curves = {n: recall_curve(v, split, grid) for n, v in lists.items()}
+    report.curves["blend"] = recall_curve(blends[_BLEND], split, grid)
     for label in variants:
-        report.curves[f"blend:{label}"] = recall_curve(blends[label], split, seen, grid)
+        report.curves[f"blend:{label}"] = recall_curve(blends[label], split, grid)
     report.overlap = hits_and_unique(lists, split, ks[-1])
     report.quota_sensitivity = _quota_sensitivity(lists, names, split, seen, ks[-1])
     report.seconds = time.perf_counter() - t0
@@ -658,10 +658,7 @@ def log_grid(k: int) -> list[int]:
 
 
 def recall_curve(
-    lists: Sequence[npt.NDArray[Any]],
-    split: Split,
-    seen: Sequence[npt.NDArray[Any]],
-    ks: Sequence[int],
+    lists: Sequence[npt.NDArray[Any]], split: Split, ks: Sequence[int]
 ) -> dict[str, list[float]]:
     """Recall at every k of ``ks`` in one pass per user (for the report's curves)."""
     grid = np.asarray(ks)
@@ -672,7 +669,6 @@ def recall_curve(
         cands = _same_dtype(cands, targets)[: int(grid[-1])]
         positions = np.flatnonzero(np.isin(cands, targets))
         total += np.searchsorted(positions, grid, side="left") / targets.size
-    del seen  # the signature matches ``metrics``; recall of all targets needs no seen items
     n = max(len(split.targets), 1)
     return {"k": [int(x) for x in grid], "recall": (total / n).tolist()}
 

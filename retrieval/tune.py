@@ -410,8 +410,8 @@ class _Validation:
         table = {n: metrics(v, split, seen, depths) for n, v in {**lists, "blend": merged}.items()}
         recall = {n: row[f"recall@{k}"] for n, row in table.items()}
         grid = log_grid(k)
-        curves = {n: recall_curve(v, split, seen, grid) for n, v in lists.items()}
-        curves["blend"] = recall_curve(merged, split, seen, grid)
+        curves = {n: recall_curve(v, split, grid) for n, v in lists.items()}
+        curves["blend"] = recall_curve(merged, split, grid)
         latency = {
             n: {"p50_ms": float(np.percentile(v, 50)), "p99_ms": float(np.percentile(v, 99))}
             for n, v in runs.latency_ms.items()
