@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+from ann_backends import clustered  # a sibling script: benchmarks/ is on sys.path
 from threadpoolctl import threadpool_limits
 
 from sources.ann_faiss import build_ivf, require_faiss
@@ -33,16 +34,11 @@ I64 = npt.NDArray[np.int64]
 
 
 def als_like(n: int, dims: int, seed: int = 0) -> F32:
-    """Clustered directions (sqrt(n) Zipf-sized clusters) times log-normal norms."""
-    rng = np.random.default_rng(seed)
-    n_c = max(8, int(np.sqrt(n)))
-    centres = rng.normal(size=(n_c, dims)).astype(np.float32)
-    p = 1.0 / np.arange(1, n_c + 1) ** 0.7
-    x = centres[rng.choice(n_c, size=n, p=p / p.sum())]
-    x += 0.6 * rng.normal(size=(n, dims)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    """ann_backends' clustered unit directions times log-normal norms (ALS vectors are not unit)."""
+    x = clustered(n, dims, seed)
+    rng = np.random.default_rng([seed, 1])
     x *= rng.lognormal(0.0, 0.5, size=(n, 1)).astype(np.float32)
-    return np.ascontiguousarray(x, dtype=np.float32)
+    return x
 
 
 def queries(x: F32, m: int, seed: int) -> F32:

@@ -13,7 +13,7 @@ annoy segfaults on a wrong dimension or a damaged file, so every build has a JSO
 ``backend: auto`` (the default) serves small catalogues by exact search (``sources.ann_exact``)
 and larger ones from a faiss IVF index (``sources.ann_faiss``); annoy stays an explicit choice: it
 cannot reach recall 0.95 at k = 1,000 over millions of items within the budget (issue 6), and at
-43k items its recall was 0.50 of exact search at only 1.2x its speed (issue 10).
+550k synthetic items its recall was 0.50 of exact search at only 1.2x its speed (issue 10).
 """
 
 from __future__ import annotations
