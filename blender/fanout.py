@@ -25,9 +25,13 @@ from blender.merge import SourceList, Strategy, merge, unify_id_dtypes
 from retrieval.types import CandidateSet, Deadline, Request, SourceReport, SourceStatus, as_id_array
 from sources.base import Ranked, SkipSource, Source
 
-__all__ = ["Blender", "RequiredSourceError", "SourceSlot"]
+__all__ = ["NO_CLOCK_MS", "Blender", "RequiredSourceError", "SourceSlot"]
 
 logger = logging.getLogger(__name__)
+
+# A deadline that never comes in practice: offline work (evaluation, tuning) must not answer
+# differently because the machine was busy.
+NO_CLOCK_MS = 3_600_000.0
 
 
 class RequiredSourceError(RuntimeError):
@@ -259,7 +263,9 @@ class Blender:
         k_ask = k + len(excl)
         # As deep as the fan-out would have asked: a longer offline list must not add ranks.
         cut = [None if r is None else (r[0][:k_ask], r[1][:k_ask]) for r in results]
-        return self._combine(request, cut, self._lists(cut), excl, k, k_ask, Deadline.in_ms(3.6e6))
+        return self._combine(
+            request, cut, self._lists(cut), excl, k, k_ask, Deadline.in_ms(NO_CLOCK_MS)
+        )
 
     def _combine(
         self,

@@ -26,7 +26,7 @@ import numpy.typing as npt
 from tqdm import tqdm
 
 from blender.calibration import CALIBRATION_FILE, Calibration, fit_curve
-from blender.fanout import Blender
+from blender.fanout import NO_CLOCK_MS, Blender
 from blender.filters import Exclusions
 from blender.merge import SourceList, merge, unify_id_dtypes
 from retrieval.artifacts import IdMap
@@ -538,11 +538,6 @@ class _Scored:
     blend_ms: float | None
 
 
-# Offline calls run without a clock: a source that does less when time is short must not
-# answer differently because the machine was busy.
-_NO_CLOCK_MS = 3_600_000.0
-
-
 class _Scorer:
     """Asks each source alone (deep enough for any exclusion), then times the live blend."""
 
@@ -560,7 +555,7 @@ class _Scorer:
             try:
                 if src.missing(req) is not None:
                     raise SkipSource("needs unmet")
-                ids, scores = src.retrieve(req, ask, Deadline.in_ms(_NO_CLOCK_MS))
+                ids, scores = src.retrieve(req, ask, Deadline.in_ms(NO_CLOCK_MS))
                 answers[src.name] = (
                     as_id_array(ids)[:ask],
                     np.asarray(scores, dtype=np.float32)[:ask],
