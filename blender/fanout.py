@@ -1,8 +1,13 @@
 """The deadline-aware blender: fan out to sources, keep what arrives in time, merge, filter.
 
-Sources run on one bounded thread pool created with the blender (never per request). At the
-deadline the blender merges what has arrived and abandons the rest: a late source never delays
-the response. A raising source is reported and skipped (fail-open) unless it is ``required``.
+Each source runs on its own lane of daemon threads, made once with the blender (never per
+request), with a cap on its calls in flight: a hung source fills only its own lane, and its next
+calls are ``shed``, not queued. At the deadline the blender merges what has arrived and abandons
+the rest: a late source never delays the response. Every answer is checked at one boundary
+(``_run_source``); a source that raises or breaks the contract is reported as ``error`` for that
+source alone (fail-open) unless it is ``required``. The circuit breaker counts only a source's
+own failures: a call that started late (CPU contention, a slow store read before the fan-out) and
+ran out of time is reported, but not held against it.
 """
 
 from __future__ import annotations
@@ -21,17 +26,47 @@ import numpy.typing as npt
 
 from blender.breaker import CircuitBreaker
 from blender.filters import Exclusions
+from blender.lanes import Lane
 from blender.merge import SourceList, Strategy, merge, unify_id_dtypes
-from retrieval.types import CandidateSet, Deadline, Request, SourceReport, SourceStatus, as_id_array
+from retrieval.errors import RequestTooLarge, SourceError
+from retrieval.ids import id_array
+from retrieval.types import CandidateSet, Deadline, Request, SourceReport, SourceStatus
 from sources.base import Ranked, SkipSource, Source
 
-__all__ = ["NO_CLOCK_MS", "Blender", "RequiredSourceError", "SourceSlot"]
+__all__ = ["NO_CLOCK_MS", "Blender", "RequestLimits", "RequiredSourceError", "SourceSlot"]
 
 logger = logging.getLogger(__name__)
 
 # A deadline that never comes in practice: offline work (evaluation, tuning) must not answer
 # differently because the machine was busy.
 NO_CLOCK_MS = 3_600_000.0
+
+# A call counts against the breaker only when it had at least this share of its time budget
+# after it started: a source that began late because the machine or the store was slow did not
+# fail on its own.
+_FAIR_SHARE = 0.8
+
+
+@dataclass(frozen=True, slots=True)
+class RequestLimits:
+    """The most a request may carry; larger ones are refused before any source is asked, so one
+    request's size cannot blow its own deadline or trip every breaker for everyone else."""
+
+    max_exclude: int = 10_000
+    max_seed_items: int = 1_000
+    max_history: int = 1_000
+
+    def check(self, request: Request) -> None:
+        for field_name, n, cap in (
+            ("exclude", len(request.exclude), self.max_exclude),
+            ("seed_items", len(request.seed_items), self.max_seed_items),
+            ("history", len(request.history), self.max_history),
+        ):
+            if n > cap:
+                raise RequestTooLarge(
+                    f"request.{field_name} holds {n} ids, more than limits.max_{field_name} = "
+                    f"{cap}: send fewer, or raise the limit in the config"
+                )
 
 
 class RequiredSourceError(RuntimeError):
@@ -55,6 +90,7 @@ class SourceSlot:
     quota: int | None = None
     required: bool = False
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+    lane: Lane | None = None  # made by the Blender
 
     @property
     def name(self) -> str:
@@ -67,8 +103,9 @@ class _Call:
 
     slot: SourceSlot
     deadline: Deadline
-    future: cf.Future[_Outcome] | None = None
+    future: cf.Future[_Outcome | None] | None = None
     report: SourceReport | None = None
+    started_at: float | None = None  # set by the worker when the source is called
 
 
 @dataclass(slots=True)
@@ -80,16 +117,18 @@ class _Outcome:
     finished_at: float
 
 
-def _run_source(source: Source, request: Request, k: int, deadline: Deadline) -> _Outcome:
-    """Run one source; exceptions never escape into the pool."""
+def _run_source(
+    source: Source, request: Request, k: int, deadline: Deadline, call: _Call | None = None
+) -> _Outcome | None:
+    """Run one source; exceptions never escape into the lane. None: it was due to start after
+    its deadline had passed, so it was not run at all."""
     t0 = time.monotonic()
+    if t0 >= deadline.at:
+        return None
+    if call is not None:
+        call.started_at = t0
     try:
-        ids, scores = source.retrieve(request, k, deadline)
-        ids = as_id_array(ids)
-        scores = np.asarray(scores, dtype=np.float32)
-        if ids.shape != scores.shape:
-            raise ValueError(f"returned {ids.size} ids but {scores.size} scores")
-        result: Ranked | None = (ids[:k], scores[:k])
+        result: Ranked | None = checked_answer(source.retrieve(request, k, deadline), k)
         error, skipped = None, False
     except SkipSource as exc:
         result, error, skipped = None, str(exc) or "skipped", True
@@ -97,6 +136,42 @@ def _run_source(source: Source, request: Request, k: int, deadline: Deadline) ->
         result, error, skipped = None, f"{type(exc).__name__}: {exc}", False
     t1 = time.monotonic()
     return _Outcome(result, error, skipped, (t1 - t0) * 1000, t1)
+
+
+def checked_answer(answer: Any, k: int) -> Ranked:
+    """A source's answer held to the contract, the one boundary every answer crosses.
+
+    Two 1-D arrays of the same length; ids of one kind by the project's id rule (no uint64
+    wrap-around, no floats, bools or None); scores finite; each id once, at its first (best)
+    rank; at most ``k``. Anything else raises, and the blender reports ``error`` for that source
+    alone.
+    """
+    try:
+        raw_ids, raw_scores = answer
+    except (TypeError, ValueError):
+        raise SourceError(
+            f"returned {type(answer).__name__}; expected a pair (ids, scores)"
+        ) from None
+    ids_in = raw_ids if isinstance(raw_ids, np.ndarray) else np.asarray(raw_ids, dtype=object)
+    scores = np.asarray(raw_scores)
+    if ids_in.ndim != 1 or scores.ndim != 1 or ids_in.shape != scores.shape:
+        raise SourceError(
+            f"returned ids of shape {ids_in.shape} and scores of shape {scores.shape}; "
+            "expected two 1-D arrays of the same length"
+        )
+    ids = id_array(ids_in, "returned ids")
+    if scores.dtype.kind not in "fiu":
+        raise SourceError(f"returned scores of dtype {scores.dtype}; expected numbers")
+    scores = scores.astype(np.float32, copy=False)
+    if not np.isfinite(scores).all():
+        bad = int(np.flatnonzero(~np.isfinite(scores))[0])
+        raise SourceError(f"returned a non-finite score ({scores[bad]}) at rank {bad}")
+    if ids.size > 1:
+        _, first = np.unique(ids, return_index=True)
+        if first.size < ids.size:  # repeats: keep each id at its best rank
+            keep = np.sort(first)
+            ids, scores = ids[keep], scores[keep]
+    return ids[:k], scores[:k]
 
 
 class Blender:
@@ -114,7 +189,14 @@ class Blender:
         workers: int | None = None,
         merge_reserve_ms: float = 1.0,
         curves: dict[str, npt.NDArray[np.float64]] | None = None,
+        limits: RequestLimits | None = None,
     ) -> None:
+        """``workers``: calls in flight per source (its lane's threads; default 8)."""
+        if not 0 <= merge_reserve_ms < deadline_ms:
+            raise ValueError(
+                f"merge_reserve_ms must be >= 0 and below deadline_ms ({deadline_ms}), "
+                f"got {merge_reserve_ms}: no time would be left for the sources"
+            )
         self.slots = list(slots)
         self.names = tuple(s.name for s in self.slots)
         self.k = k
@@ -125,15 +207,18 @@ class Blender:
         self.blocklist = Exclusions(blocklist if blocklist is not None else [])
         self.fallback = None if fallback is None else self.names.index(fallback)
         self.merge_reserve_ms = merge_reserve_ms
+        self.limits = limits or RequestLimits()
         if strategy == "calibrated":
             missing = [n for n in self.names if not curves or n not in curves]
             if missing:
                 raise ValueError(f"calibrated strategy: no rank curve for sources {missing}")
         self.curves = curves or {}
-        self._pool = cf.ThreadPoolExecutor(
-            max_workers=workers or max(4, 2 * len(self.slots) + 2),
-            thread_name_prefix="blend",
-        )
+        cap = workers or 8
+        for slot in self.slots:
+            slot.lane = Lane(slot.name, cap)
+        # Side work (warm-up, cache writes, async store reads) queues here, never on a source's
+        # lane, so it can neither be shed nor take a source's thread.
+        self._side = Lane("side", max(2, cap))
 
     # -- the public face -------------------------------------------------------------------
 
@@ -141,7 +226,7 @@ class Blender:
         """``started`` (monotonic) is when the caller's clock began: time it already spent,
         e.g. reading the store, comes out of this request's deadline."""
         started = time.monotonic() if started is None else started
-        calls, k_ask, excl, k = self._start(request, started)
+        calls, excl, k = self._start(request, started)
         pending = [c for c in calls if c.future is not None]
         arrived = threading.Event()
         for c in pending:
@@ -154,11 +239,11 @@ class Blender:
                 break
             arrived.wait(max(c.deadline.at for c in pending) - now)
             arrived.clear()
-        return self._finish(request, calls, k_ask, excl, k, started)
+        return self._finish(request, calls, excl, k, started)
 
     async def ablend(self, request: Request, started: float | None = None) -> CandidateSet:
         started = time.monotonic() if started is None else started
-        calls, k_ask, excl, k = self._start(request, started)
+        calls, excl, k = self._start(request, started)
         pending = {asyncio.wrap_future(c.future): c for c in calls if c.future is not None}
         while pending:
             now = time.monotonic()
@@ -171,18 +256,41 @@ class Blender:
             for fut in done:
                 pending.pop(fut)
             self._drop_overdue(pending)
-        return self._finish(request, calls, k_ask, excl, k, started)
+        # The merge and a backfill may wait on the fallback: off the event loop.
+        return await asyncio.wrap_future(
+            self._side.submit(self._finish, request, calls, excl, k, started)
+        )
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def close(self, timeout_s: float = 5.0) -> list[str]:
+        """Refuse new work and wait up to ``timeout_s`` for the calls in flight.
+
+        Returns the names of sources still running a call afterwards: closing those would pull
+        files or native indexes from under a live query, so the caller must leave them open.
+        """
+        end = time.monotonic() + timeout_s
+        busy = [
+            slot.name
+            for slot in self.slots
+            if slot.lane is not None and not slot.lane.close(end - time.monotonic())
+        ]
+        self._side.close(max(end - time.monotonic(), 0.0))
+        return busy
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future[Any]:
-        """Run side work (such as warm-up) on the blender's pool, not on a new thread."""
-        return self._pool.submit(fn, *args)
+        """Run side work (such as a cache write) on the blender's side lane, not a new thread."""
+        return self._side.submit(fn, *args)
+
+    def submit_to(self, index: int, fn: Callable[..., Any], *args: Any) -> cf.Future[Any] | None:
+        """Run work that calls source ``index`` (such as warm-up) on that source's lane, so
+        ``close`` waits for it too; None when the lane is full."""
+        lane = self.slots[index].lane
+        assert lane is not None
+        return lane.try_submit(fn, *args)
 
     # -- steps -----------------------------------------------------------------------------
 
-    def _start(self, request: Request, started: float) -> tuple[list[_Call], int, Exclusions, int]:
+    def _start(self, request: Request, started: float) -> tuple[list[_Call], Exclusions, int]:
+        self.limits.check(request)
         k = request.k or self.k
         budget = request.deadline_ms or self.deadline_ms
         overall = Deadline(started + max(budget - self.merge_reserve_ms, 0.0) / 1000.0)
@@ -204,8 +312,18 @@ class Blender:
                     slot.name, SourceStatus.CIRCUIT_OPEN, error="circuit breaker open"
                 )
             else:
-                call.future = self._pool.submit(_run_source, slot.source, request, k_ask, own)
-        return calls, k_ask, excl, k
+                assert slot.lane is not None
+                call.future = slot.lane.try_submit(
+                    _run_source, slot.source, request, k_ask, own, call
+                )
+                if call.future is None:
+                    slot.breaker.release()
+                    call.report = SourceReport(
+                        slot.name,
+                        SourceStatus.SHED,
+                        error=f"{slot.lane.cap} calls already in flight",
+                    )
+        return calls, excl, k
 
     @staticmethod
     def _drop_overdue(pending: dict[Any, _Call]) -> None:
@@ -218,7 +336,6 @@ class Blender:
         self,
         request: Request,
         calls: list[_Call],
-        k_ask: int,
         excl: Exclusions,
         k: int,
         started: float,
@@ -232,7 +349,13 @@ class Blender:
 
         budget = request.deadline_ms or self.deadline_ms
         item_ids, scores, ranks, backfilled = self._combine(
-            request, results, lists, excl, k, k_ask, Deadline(started + budget / 1000.0)
+            request,
+            results,
+            lists,
+            excl,
+            k,
+            k + len(excl),
+            Deadline(started + max(budget - self.merge_reserve_ms, 0.0) / 1000.0),
         )
         reports = tuple(c.report for c in calls if c.report is not None)
         for j, rep in enumerate(reports):
@@ -306,7 +429,7 @@ class Blender:
 
     def _collect(self, call: _Call, started: float) -> Ranked | None:
         slot = call.slot
-        if call.report is not None:  # skipped before it ran
+        if call.report is not None:  # skipped, shed or circuit-open before it ran
             return None
         fut = call.future
         assert fut is not None
@@ -314,13 +437,7 @@ class Blender:
         if outcome is None or outcome.finished_at > call.deadline.at:
             # Late is late even if it landed while we were collecting the others: the outcome
             # must not depend on how fast this thread got here.
-            call.report = SourceReport(
-                slot.name,
-                SourceStatus.TIMEOUT,
-                latency_ms=(call.deadline.at - started) * 1000,
-                error=f"no answer within {(call.deadline.at - started) * 1000:.1f} ms",
-            )
-            slot.breaker.failure()
+            call.report = self._late(call, started)
             return None
         result, error, latency = outcome.result, outcome.error, outcome.latency_ms
         if outcome.skipped:
@@ -337,6 +454,33 @@ class Blender:
         call.report = SourceReport(slot.name, SourceStatus.OK, latency, returned=result[0].size)
         return result
 
+    @staticmethod
+    def _late(call: _Call, started: float) -> SourceReport:
+        """No answer in time: ``shed`` if the source never started, else ``timeout``, held
+        against its breaker only when it had a fair share of its budget."""
+        slot = call.slot
+        budget_s = call.deadline.at - started
+        began = call.started_at
+        if began is None:
+            slot.breaker.release()
+            return SourceReport(
+                slot.name,
+                SourceStatus.SHED,
+                latency_ms=budget_s * 1000,
+                error=f"could not start within {budget_s * 1000:.1f} ms",
+            )
+        if call.deadline.at - began >= _FAIR_SHARE * budget_s:
+            slot.breaker.failure()
+        else:
+            slot.breaker.release()
+        return SourceReport(
+            slot.name,
+            SourceStatus.TIMEOUT,
+            latency_ms=budget_s * 1000,
+            error=f"no answer within {budget_s * 1000:.1f} ms "
+            f"(started after {(began - started) * 1000:.1f} ms)",
+        )
+
     def _usable(
         self, ids: npt.NDArray[Any], excl: Exclusions, current: npt.NDArray[Any]
     ) -> tuple[npt.NDArray[Any], npt.NDArray[np.bool_]]:
@@ -346,6 +490,28 @@ class Blender:
             current, ids = unify_id_dtypes([current, ids])
             keep &= ~np.isin(ids, current)
         return ids, keep
+
+    def _ask_again(self, request: Request, k: int, overall: Deadline) -> Ranked | None:
+        """The fallback asked for a deeper list on its own lane, waited for only until
+        ``overall``: None when it is busy, fails or is late."""
+        assert self.fallback is not None
+        slot = self.slots[self.fallback]
+        assert slot.lane is not None
+        try:
+            fut = slot.lane.try_submit(_run_source, slot.source, request, k, overall)
+        except RuntimeError:  # closing
+            return None
+        if fut is None:
+            return None
+        try:
+            outcome = fut.result(timeout=max(overall.remaining_ms(), 0.0) / 1000.0)
+        except cf.TimeoutError:
+            return None
+        if outcome is None or outcome.result is None or outcome.finished_at > overall.at:
+            if outcome is not None and outcome.error:
+                logger.debug("fallback %s failed during backfill: %s", slot.name, outcome.error)
+            return None
+        return outcome.result
 
     def _backfill(
         self,
@@ -362,24 +528,21 @@ class Blender:
         """Top up a short slate from the fallback source, asking it for more if needed."""
         j = self.fallback
         assert j is not None
-        slot = self.slots[j]
         result = results[j]
         need = k - item_ids.size
         if result is None:
             return item_ids, scores, ranks, 0  # a fallback that failed is not asked twice
         ids, keep, asked = *self._usable(result[0], excl, item_ids), k_ask
         # Exclusions may have eaten the fan-out answer: while the fallback's list was full and
-        # time remains, ask it again four times deeper, on this thread.
+        # time remains, ask it again four times deeper, within the same deadline.
         while int(keep.sum()) < need and result[0].size >= asked and not overall.expired():
             asked = 4 * max(asked, result[0].size)
             if asked > 64 * (k_ask + item_ids.size):
                 break
-            try:
-                got = slot.source.retrieve(request, asked, overall)
-            except Exception as exc:
-                logger.debug("fallback %s failed during backfill: %s", slot.name, exc)
+            deeper = self._ask_again(request, asked, overall)
+            if deeper is None:
                 break
-            result = (as_id_array(got[0]), np.asarray(got[1], dtype=np.float32))
+            result = deeper
             ids, keep = self._usable(result[0], excl, item_ids)
         pos = np.arange(ids.size, dtype=np.int32)
         if item_ids.size and item_ids.dtype != ids.dtype:

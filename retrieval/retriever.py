@@ -44,9 +44,10 @@ class Retriever:
 
     def __init__(self, config: RetrievalConfig, *, store: Store | None = None) -> None:
         self.config = config
-        # One BLAS thread per call: the pool already runs sources in parallel, and implicit's
+        # One BLAS thread per call: the lanes already run sources in parallel, and implicit's
         # users' most common performance complaint is BLAS threads oversubscribing the cores.
-        threadpool_limits(limits=1, user_api="blas")
+        # The limit is process-wide, so ``close`` gives the host its own setting back.
+        self._blas_limit = threadpool_limits(limits=1, user_api="blas")
         self.store: Store = store if store is not None else _make_store(config)
         artifacts = config.resolve_path(config.artifacts) if config.artifacts else None
         _check_needs(config, artifacts)
@@ -97,8 +98,8 @@ class Retriever:
             with contextlib.suppress(Exception):
                 src.retrieve(probe, 1, Deadline.in_ms(budget_s * 1000))
 
-        futures = [self._blender.submit(touch, src) for src in self.sources]
-        concurrent.futures.wait(futures, timeout=budget_s)
+        futures = [self._blender.submit_to(i, touch, src) for i, src in enumerate(self.sources)]
+        concurrent.futures.wait([f for f in futures if f is not None], timeout=budget_s)
 
     @classmethod
     def from_yaml(cls, path: str | Path, *, store: Store | None = None) -> Retriever:
@@ -296,16 +297,31 @@ class Retriever:
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop taking requests, wait up to ``timeout_s`` for the source calls in flight, then
+        release the sources and the store.
+
+        A source still running a call after that (a hung query) is left open and logged: closing
+        it would unmap files or free a native index under that call and crash the process.
+        """
         if getattr(self, "_closed", False):
             return
         self._closed = True
         blender = getattr(self, "_blender", None)
-        if blender is not None:
-            blender.close()
+        busy = set(blender.close(timeout_s)) if blender is not None else set()
         for src in self.sources:
+            if src.name in busy:
+                logger.warning(
+                    "source %s still has a call running after %.1f s: left open",
+                    src.name,
+                    timeout_s,
+                )
+                continue
             src.close()
         self.store.close()
+        limit = getattr(self, "_blas_limit", None)
+        if limit is not None:
+            limit.restore_original_limits()
 
     async def aclose(self) -> None:
         self.close()
@@ -450,16 +466,28 @@ def _check_artifacts(config: RetrievalConfig, artifacts: Path) -> str:
 
 
 _cache_lock = threading.Lock()
-_cache: dict[Path, Retriever] = {}
+_cache: dict[Path, tuple[tuple[int, int], Retriever]] = {}
+# How long a replaced retriever stays open for the blends already running on it.
+_RETIRE_AFTER_S = 30.0
 
 
 def blend(config: str | Path | Retriever, **kwargs: Any) -> CandidateSet:
-    """One call for the simple case: the retriever for ``config`` is loaded once and reused."""
+    """One call for the simple case: the retriever for ``config`` is loaded once and reused,
+    and loaded again when the file changes."""
     if isinstance(config, Retriever):
         return config.blend(**kwargs)
     path = Path(config).resolve()
+    st = path.stat()
+    stamp = (st.st_mtime_ns, st.st_size)
     with _cache_lock:
-        retriever = _cache.get(path)
-        if retriever is None:
-            retriever = _cache[path] = Retriever.from_yaml(path)
+        cached = _cache.get(path)
+        if cached is None or cached[0] != stamp:
+            retriever = Retriever.from_yaml(path)
+            _cache[path] = (stamp, retriever)
+            if cached is not None:
+                timer = threading.Timer(_RETIRE_AFTER_S, cached[1].close)
+                timer.daemon = True
+                timer.start()
+        else:
+            retriever = cached[1]
     return retriever.blend(**kwargs)
