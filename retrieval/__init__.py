@@ -5,8 +5,30 @@ this package must not pull in the blender and the sources (that would be an impo
 """
 
 import importlib as _importlib
+import importlib.util as _importlib_util
 import logging as _logging
 import typing as _typing
+from pathlib import Path as _Path
+
+
+def _check_siblings() -> None:
+    """``sources`` and ``blender`` are top-level packages beside this one (the requested layout),
+    so an app with a package of the same name earlier on ``sys.path`` would be imported in their
+    place and fail somewhere deep. Say so once, naming both paths."""
+    home = _Path(__file__).resolve().parent.parent
+    for name in ("sources", "blender"):
+        ours = home / name / "__init__.py"
+        spec = _importlib_util.find_spec(name)
+        found = spec.origin if spec is not None else None
+        if found is None or _Path(found).resolve() != ours.resolve():
+            raise ImportError(
+                f"the package {name!r} resolves to {found or 'nothing'}, not to "
+                f"candidate-retrieval's {ours}: another package named {name!r} comes first on "
+                "sys.path (often the current directory); rename it or run from elsewhere"
+            )
+
+
+_check_siblings()
 
 if _typing.TYPE_CHECKING:
     from blender.fanout import RequiredSourceError

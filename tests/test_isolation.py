@@ -372,3 +372,19 @@ def test_module_blend_sees_a_changed_config(tmp_path):
         "sources:\n  - {name: a, kind: 'tests.toy_sources:ListSource', params: {items: [3]}}\n"
     )
     assert blend(path, user_id=1).item_ids.tolist() == [3]
+
+
+def test_a_shadowing_sources_package_is_named_not_mysterious(tmp_path):
+    (tmp_path / "sources").mkdir()
+    (tmp_path / "sources" / "__init__.py").write_text("")
+    out = subprocess.run(
+        [sys.executable, "-c", "from retrieval import Retriever"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert "ImportError" in last and str(tmp_path / "sources") in last
+    assert "candidate-retrieval" in last
