@@ -191,7 +191,8 @@ class Blender:
         curves: dict[str, npt.NDArray[np.float64]] | None = None,
         limits: RequestLimits | None = None,
     ) -> None:
-        """``workers``: calls in flight per source (its lane's threads; default 8)."""
+        """``workers``: calls in flight per source (its lane's threads; default 32, above the
+        callers' usual concurrency, so only a source that hoards calls is shed)."""
         if not 0 <= merge_reserve_ms < deadline_ms:
             raise ValueError(
                 f"merge_reserve_ms must be >= 0 and below deadline_ms ({deadline_ms}), "
@@ -213,7 +214,7 @@ class Blender:
             if missing:
                 raise ValueError(f"calibrated strategy: no rank curve for sources {missing}")
         self.curves = curves or {}
-        cap = workers or 8
+        cap = workers or 32
         for slot in self.slots:
             slot.lane = Lane(slot.name, cap)
         # Side work (warm-up, cache writes, async store reads) queues here, never on a source's
@@ -226,7 +227,7 @@ class Blender:
         """``started`` (monotonic) is when the caller's clock began: time it already spent,
         e.g. reading the store, comes out of this request's deadline."""
         started = time.monotonic() if started is None else started
-        calls, excl, k = self._start(request, started)
+        calls, excl, k, overall = self._start(request, started)
         pending = [c for c in calls if c.future is not None]
         arrived = threading.Event()
         for c in pending:
@@ -239,11 +240,11 @@ class Blender:
                 break
             arrived.wait(max(c.deadline.at for c in pending) - now)
             arrived.clear()
-        return self._finish(request, calls, excl, k, started)
+        return self._finish(request, calls, excl, k, started, overall)
 
     async def ablend(self, request: Request, started: float | None = None) -> CandidateSet:
         started = time.monotonic() if started is None else started
-        calls, excl, k = self._start(request, started)
+        calls, excl, k, overall = self._start(request, started)
         pending = {asyncio.wrap_future(c.future): c for c in calls if c.future is not None}
         while pending:
             now = time.monotonic()
@@ -258,7 +259,7 @@ class Blender:
             self._drop_overdue(pending)
         # The merge and a backfill may wait on the fallback: off the event loop.
         return await asyncio.wrap_future(
-            self._side.submit(self._finish, request, calls, excl, k, started)
+            self._side.submit(self._finish, request, calls, excl, k, started, overall)
         )
 
     def close(self, timeout_s: float = 5.0) -> list[str]:
@@ -289,11 +290,13 @@ class Blender:
 
     # -- steps -----------------------------------------------------------------------------
 
-    def _start(self, request: Request, started: float) -> tuple[list[_Call], Exclusions, int]:
+    def _start(
+        self, request: Request, started: float
+    ) -> tuple[list[_Call], Exclusions, int, Deadline]:
         self.limits.check(request)
         k = request.k or self.k
         budget = request.deadline_ms or self.deadline_ms
-        overall = Deadline(started + max(budget - self.merge_reserve_ms, 0.0) / 1000.0)
+        overall = Deadline(started + (budget - self.merge_reserve_ms) / 1000.0)
         seen = request.history if self.exclude_seen else ()
         excl = Exclusions(request.exclude, seen)
         k_ask = k + len(excl)
@@ -323,7 +326,7 @@ class Blender:
                         SourceStatus.SHED,
                         error=f"{slot.lane.cap} calls already in flight",
                     )
-        return calls, excl, k
+        return calls, excl, k, overall
 
     @staticmethod
     def _drop_overdue(pending: dict[Any, _Call]) -> None:
@@ -339,6 +342,7 @@ class Blender:
         excl: Exclusions,
         k: int,
         started: float,
+        overall: Deadline,
     ) -> CandidateSet:
         results = [self._collect(call, started) for call in calls]
         lists = self._lists(results)
@@ -347,15 +351,8 @@ class Blender:
             if call.slot.required and call.report.status is not SourceStatus.OK:
                 raise RequiredSourceError(call.report)
 
-        budget = request.deadline_ms or self.deadline_ms
         item_ids, scores, ranks, backfilled = self._combine(
-            request,
-            results,
-            lists,
-            excl,
-            k,
-            k + len(excl),
-            Deadline(started + max(budget - self.merge_reserve_ms, 0.0) / 1000.0),
+            request, results, lists, excl, k, k + len(excl), overall
         )
         reports = tuple(c.report for c in calls if c.report is not None)
         for j, rep in enumerate(reports):
