@@ -16,6 +16,7 @@ from retrieval.bench import exact_reference, sample_requests
 from retrieval.config import load_config
 from retrieval.retriever import Retriever
 from sources.ann import AnnSource
+from sources.ann_faiss import FaissIVF
 
 
 def main() -> None:
@@ -30,12 +31,12 @@ def main() -> None:
     requests = sample_requests(config, args.artifacts.resolve(), args.events, args.queries * 3)
     with Retriever(config) as retriever:
         ann = next(s for s in retriever.sources if isinstance(s, AnnSource))
-        if ann.ivf is None:
+        if not isinstance(ann.index, FaissIVF):
             raise SystemExit(f"source {ann.name!r} is not served by faiss")
-        print(f"{ann.name}: nlist {ann.ivf.nlist}, {ann.n_items:,} items, k {config.k}")
+        print(f"{ann.name}: nlist {ann.index.nlist}, {ann.n_items:,} items, k {config.k}")
         print(f"{'nprobe':>7} {'recall':>7} {'ann p50':>8} {'ann p99':>8} {'exact p99':>10}")
         for nprobe in args.nprobe:
-            ann.p = ann.p.model_copy(update={"nprobe": nprobe})
+            ann.index.configured_nprobe = nprobe
             r = exact_reference(retriever, requests, config.k, max_queries=args.queries)
             print(
                 f"{nprobe:>7} {r[f'recall_at_{config.k}']:>7.3f} {r['ann_p50_ms']:>6.2f}ms "

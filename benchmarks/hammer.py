@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import threading
 import time
 from collections import Counter
@@ -30,12 +29,10 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from retrieval.config import RetrievalConfig  # noqa: E402
-from retrieval.retriever import Retriever  # noqa: E402
-from retrieval.types import Deadline, Request  # noqa: E402
-from sources.base import Need, Ranked, Source, SourceContext, SourceParams  # noqa: E402
+from retrieval.config import RetrievalConfig
+from retrieval.retriever import Retriever
+from retrieval.types import Deadline, Request
+from sources.base import Need, Ranked, Source, SourceContext, SourceParams
 
 N_ITEMS = 200_000
 ROW = 100
@@ -228,7 +225,9 @@ def main() -> None:
             for name, c in counts.items()
         }
     out["status_share"] = by_phase
-    first_ok = [t for t, name, st in statuses if name == "hostile" and st == "ok" and t >= phase_end]
+    first_ok = [
+        t for t, name, st in statuses if name == "hostile" and st == "ok" and t >= phase_end
+    ]
     out["hostile_ok_again_after_s"] = round(min(first_ok) - phase_end, 2) if first_ok else None
     print(json.dumps(out, indent=2))
     if args.json:

@@ -29,7 +29,7 @@ from blender.filters import Exclusions
 from blender.lanes import Lane
 from blender.merge import SourceList, Strategy, merge, unify_id_dtypes
 from retrieval.errors import RequestTooLarge, SourceError
-from retrieval.ids import id_array
+from retrieval.ids import id_array, id_parts
 from retrieval.types import CandidateSet, Deadline, Request, SourceReport, SourceStatus
 from sources.base import Ranked, SkipSource, Source
 
@@ -69,7 +69,7 @@ class RequestLimits:
                 )
 
 
-class RequiredSourceError(RuntimeError):
+class RequiredSourceError(SourceError, RuntimeError):
     """A source marked ``required`` failed, so the blend cannot be trusted."""
 
     def __init__(self, report: SourceReport) -> None:
@@ -297,8 +297,7 @@ class Blender:
         k = request.k or self.k
         budget = request.deadline_ms or self.deadline_ms
         overall = Deadline(started + (budget - self.merge_reserve_ms) / 1000.0)
-        seen = request.history if self.exclude_seen else ()
-        excl = Exclusions(request.exclude, seen)
+        excl = self._exclusions(request)
         k_ask = k + len(excl)
         calls = []
         for slot in self.slots:
@@ -327,6 +326,15 @@ class Blender:
                         error=f"{slot.lane.cap} calls already in flight",
                     )
         return calls, excl, k, overall
+
+    def _exclusions(self, request: Request) -> Exclusions:
+        """The request's exclusions, with every id it carries checked by the one id rule first
+        (``IdError`` names the field), so no source gets an id it would have to guess about."""
+        if request.seed_items:
+            id_parts(request.seed_items, "request.seed_items", mixed=True)
+        if not self.exclude_seen and request.history:
+            id_parts(request.history, "request.history", mixed=True)
+        return Exclusions(request.exclude, request.history if self.exclude_seen else ())
 
     @staticmethod
     def _drop_overdue(pending: dict[Any, _Call]) -> None:
@@ -379,7 +387,7 @@ class Blender:
         if len(results) != len(self.slots):
             raise ValueError(f"{len(results)} results for {len(self.slots)} sources")
         k = request.k or self.k
-        excl = Exclusions(request.exclude, request.history if self.exclude_seen else ())
+        excl = self._exclusions(request)
         k_ask = k + len(excl)
         # As deep as the fan-out would have asked: a longer offline list must not add ranks.
         cut = [None if r is None else (r[0][:k_ask], r[1][:k_ask]) for r in results]

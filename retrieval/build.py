@@ -1,4 +1,7 @@
-"""Offline: turn an event log into one complete artifact directory, or leave the old one alone."""
+"""Offline: turn an event log into one complete artifact directory, or leave the old one alone.
+
+``--only NAME`` builds some sources and keeps the others (hard-linked, with their checksums).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +15,19 @@ from typing import Any
 
 from tqdm import tqdm
 
-from retrieval.artifacts import ArtifactWriter, Manifest, check_source, fingerprint, params_hash
+from retrieval.artifacts import (
+    ArtifactError,
+    ArtifactWriter,
+    Manifest,
+    check_source,
+    file_sum,
+    fingerprint,
+    open_artifacts,
+    params_hash,
+    verify_build,
+)
 from retrieval.config import RetrievalConfig, SourceConfig
+from retrieval.errors import InputError
 from retrieval.events import EventLog, read_events
 from sources.base import SourceParams
 
@@ -28,6 +42,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 PACKAGE_VERSION = "0.1.0"
+_ID_MAPS = ("ids/items.npy", "ids/users.npy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +90,24 @@ def build(
     progress: bool | None = None,
     events: EventLog | None = None,
 ) -> list[BuildRow]:
-    """Build every source that learns from data into ``out_dir`` (atomically replaced)."""
+    """Build every source that learns from data into ``out_dir`` (published atomically).
+
+    With ``only``, just those sources are built; the other sources of the build already at
+    ``out_dir`` are carried into the new one unchanged (checked, then hard-linked with their
+    manifest entries), provided this log's id maps are byte for byte that build's: otherwise
+    the dense ids of the kept sources would name other items, and the build is refused
+    (ArtifactError) before anything is built. A previous build that cannot be read (older
+    format, damaged) is refused too, rather than silently dropped.
+    """
+    learning = [sc for sc in config.sources if sc.source_class.learns()]
+    if only:
+        unknown = sorted(set(only) - {sc.name for sc in learning})
+        if unknown:  # before the log is read: that can take minutes
+            raise InputError(
+                f"--only names {unknown}, but the sources that build are "
+                f"{[sc.name for sc in learning]}"
+            )
+        learning = [sc for sc in learning if sc.name in only]
     show = sys.stderr.isatty() if progress is None else progress
     t0 = time.perf_counter()
     if events is None:
@@ -92,24 +124,56 @@ def build(
             "items": len(events.item_ids),
         },
     )
-    learning = [sc for sc in config.sources if sc.source_class.learns()]
-    if only:
-        unknown = sorted(set(only) - {sc.name for sc in learning})
-        if unknown:
-            raise ValueError(
-                f"--only names {unknown}, but the sources that build are "
-                f"{[sc.name for sc in learning]}"
-            )
-        learning = [sc for sc in learning if sc.name in only]
     rows: list[BuildRow] = []
     with ArtifactWriter(out_dir, manifest) as writer:
         ids_dir = writer.tmp / "ids"
         ids_dir.mkdir()
         events.item_ids.save(ids_dir / "items.npy")
         events.user_ids.save(ids_dir / "users.npy")
+        if only:
+            kept = _keep_others(writer, {sc.name for sc in learning})
+            if kept:
+                logger.info("kept %s from %s", ", ".join(kept), writer.previous)
         for sc in learning:
             rows.append(_build_one(sc, events, writer.tmp, manifest, show))
     return rows
+
+
+def _keep_others(writer: ArtifactWriter, building: set[str]) -> list[str]:
+    """Carry every source of the published build but ``building`` into ``writer``'s build."""
+    previous = writer.previous
+    if previous is None:
+        return []
+    try:
+        old = open_artifacts(previous, verify=False)
+    except ArtifactError as exc:
+        raise ArtifactError(
+            f"--only cannot keep the other sources of {writer.out_dir}: {exc}. Build every "
+            "source (no --only) to replace it"
+        ) from exc
+    names = sorted(set(old.sources) - building)
+    if not names:
+        return []
+    for rel in _ID_MAPS:
+        now, was = file_sum(writer.tmp / rel), old.files.get(rel)
+        if was is None or was.sha256 != now.sha256:
+            raise ArtifactError(
+                f"--only {sorted(building)}: this event log gives another {rel} than the build "
+                f"in {writer.out_dir} (sha256 {now.sha256}, that build's "
+                f"{'none' if was is None else was.sha256}), so the sources kept from it "
+                f"({', '.join(names)}) would name other items. Build every source (no --only), "
+                f"or build from the log that build read ({old.input.get('path', 'unknown')})"
+            )
+    try:
+        verify_build(previous, old, names)  # a damaged source is not carried into a new build
+    except ArtifactError as exc:
+        raise ArtifactError(
+            f"--only cannot keep the other sources of {writer.out_dir}: {exc}. Build every "
+            "source (no --only)"
+        ) from exc
+    for name in names:
+        writer.carry_over(previous, name, old.sources[name])
+    return names
 
 
 def _build_one(

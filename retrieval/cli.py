@@ -1,26 +1,30 @@
-"""The ``retrieval`` command line. Exit codes: 0 ok, 1 runtime failure, 2 bad config or input."""
+"""The ``retrieval`` command line: build, serve-test, evaluate and tune candidate retrieval."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from retrieval.artifacts import ArtifactError
-from retrieval.config import ConfigError, RetrievalConfig, load_config
+from retrieval.config import RetrievalConfig, load_config
+from retrieval.errors import InputError, RetrievalError, exit_code
+from retrieval.redact import redact, redact_text
 
 __all__ = ["main"]
 
 Handler = Callable[[argparse.Namespace], int]
 
+_BROKEN_PIPE = 128 + getattr(signal, "SIGPIPE", 13)  # what a shell reports for `... | head`
+
 
 def _validate(args: argparse.Namespace) -> int:
-    from retrieval.store import redact
-
     config = load_config(args.config)
     dumped = config.model_dump(mode="json")
     if config.store.url:
@@ -35,7 +39,7 @@ def _blend(args: argparse.Namespace) -> int:
 
     user: int | str = int(args.user) if args.user.lstrip("-").isdigit() else args.user
     history = [int(h) if h.lstrip("-").isdigit() else h for h in args.history or []]
-    context = dict(kv.split("=", 1) for kv in args.context or [])
+    context = dict(args.context or [])
     with Retriever.from_yaml(args.config) as retriever:
         result = retriever.blend(user_id=user, history=history, k=args.k, context=context)
     if args.json:
@@ -62,7 +66,7 @@ def _blend(args: argparse.Namespace) -> int:
 def _artifacts_dir(config: RetrievalConfig) -> Path:
     """Where outputs go when no --out is given: the config's own artifacts directory."""
     if config.artifacts is None:
-        raise ValueError("no --out given and the config sets no 'artifacts:' directory")
+        raise InputError("no --out given and the config sets no 'artifacts:' directory")
     return config.resolve_path(config.artifacts)
 
 
@@ -83,12 +87,11 @@ def _build(args: argparse.Namespace) -> int:
 
 def _push(args: argparse.Namespace) -> int:
     from retrieval.push import push
-    from retrieval.store import redact
 
     config = load_config(args.config)
     url = args.url or config.store.url
     if not url:
-        raise ValueError("no --url given and the config's store has no url (store.kind: redis)")
+        raise InputError("no --url given and the config's store has no url (store.kind: redis)")
     t0 = time.perf_counter()
     results = push(config, args.artifacts, url, only=args.only)
     for r in results:
@@ -289,6 +292,13 @@ def _minutes(text: str) -> float:
     return value
 
 
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. country=de), got {text!r}")
+    return key, value
+
+
 def _positive(text: str) -> int:
     value = int(text.replace("_", ""))
     if value < 1:
@@ -296,8 +306,25 @@ def _positive(text: str) -> int:
     return value
 
 
+EPILOG = f"""\
+exit codes:
+  0    ok
+  1    a failure at run time (e.g. a required source failed); with a traceback: a bug
+  2    bad input: a config, an events file, an id, an argument (usage errors included)
+  3    artifacts missing, made for another config, stale or corrupt: rebuild them
+  4    the online store (Redis) failed or holds foreign data
+  130  interrupted (Ctrl-C)
+  {_BROKEN_PIPE}  the output was closed early (e.g. `retrieval ... | head`); nothing is printed
+"""
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="retrieval", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="retrieval",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     v = sub.add_parser("validate", help="check a config; print it resolved, or the errors")
@@ -308,7 +335,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("config", type=Path)
     b.add_argument("--user", required=True)
     b.add_argument("--history", nargs="*", help="recent item ids, oldest first")
-    b.add_argument("--context", nargs="*", help="segment values, e.g. country=de")
+    b.add_argument(
+        "--context", nargs="*", type=_key_value, help="segment values as KEY=VALUE: country=de"
+    )
     b.add_argument("--k", type=int, default=None)
     b.add_argument("--show", type=int, default=20, help="rows to print without --json")
     b.add_argument("--json", action="store_true")
@@ -374,10 +403,18 @@ def _parser() -> argparse.ArgumentParser:
     bd.add_argument("config", type=Path)
     bd.add_argument("--events", type=Path, required=True, help="CSV or Parquet event log")
     bd.add_argument("--out", type=Path, default=None, help="default: the config's artifacts")
-    bd.add_argument("--only", nargs="*", help="build only these sources")
+    bd.add_argument(
+        "--only",
+        nargs="*",
+        help="build only these sources; every other source of the build already in the output "
+        "directory is kept as it was (its files hard-linked into the new build with their "
+        "checksums). Refused when this event log gives other id maps (ids/items.npy, "
+        "ids/users.npy) than that build: then build every source. Files the manifest does not "
+        "list (e.g. calibration.json) are not kept",
+    )
     bd.set_defaults(handler=_build)
 
-    pu = sub.add_parser("push", help="upload neighbour and popularity lists to Redis")
+    pu = sub.add_parser("push", help="upload co-visitation and item-CF neighbour lists to Redis")
     pu.add_argument("config", type=Path)
     pu.add_argument("--artifacts", type=Path, required=True, help="the output of `build`")
     pu.add_argument("--url", default=None, help="default: the config's store.url")
@@ -408,20 +445,64 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+# Errors raised on purpose by modules not yet moved into retrieval.errors, by qualified class
+# name (so the CLI imports none of them): drop each line when its class joins the tree.
+_LEGACY_EXIT_CODES: dict[str, int] = {
+    "retrieval.events.EventsError": 2,
+    "retrieval.evaluate.EvalError": 2,
+    "retrieval.artifacts.ArtifactError": 3,
+    "retrieval.store.StoreUnavailable": 4,
+    "blender.fanout.RequiredSourceError": 1,
+}
+
+
+def _expected_exit_code(exc: BaseException) -> int | None:
+    """The exit code of an error raised on purpose; None for a bug."""
+    if isinstance(exc, RetrievalError):
+        return exit_code(exc)
+    for cls in type(exc).__mro__:
+        code = _LEGACY_EXIT_CODES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if code is not None:
+            return code
+    if isinstance(exc, FileNotFoundError):  # a path given on the command line
+        return 2
+    return None
+
+
+def _silence_stdout() -> None:
+    """After EPIPE: point stdout at devnull, so the interpreter's last flush does not raise
+    again (the handling the Python docs recommend for SIGPIPE)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (e.g. in tests)
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     handler: Handler = args.handler
     try:
         return handler(args)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, ArtifactError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:  # e.g. Redis unreachable during a push (message redacted)
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except BrokenPipeError:  # `retrieval ... | head`: the reader left; nothing to report
+        _silence_stdout()
+        return _BROKEN_PIPE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        code = _expected_exit_code(exc)
+        if code is None:  # a bug: show where, with any URL's password redacted
+            print(redact_text(traceback.format_exc()), file=sys.stderr, end="")
+            print(
+                "error: the traceback above is a bug in retrieval (or in a plugin source); "
+                "please report it",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"error: {redact_text(str(exc))}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

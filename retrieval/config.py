@@ -1,23 +1,42 @@
 """YAML configuration, validated in one place.
 
-Validation runs in two stages so that every error names its path inside the file: pydantic checks
-the shape of the whole document, then each source's ``params`` are checked against the model of
-the class its ``kind`` resolves to (the registry is the union keyed on ``kind``), and the
-cross-field rules (duplicate names, quotas, timeouts) run last. All problems are reported at once.
+Validation runs in stages so that every error names its path inside the file: the YAML loader
+refuses anchors, aliases and duplicate keys; pydantic checks the shape of the whole document;
+each source's ``params`` are checked against the model of the class its ``kind`` resolves to
+(the registry is the union keyed on ``kind``); the cross-field rules (duplicate names, quotas,
+timeouts) run last. All problems are reported at once: a part of the document that fails its
+shape check is left out of the later stages, the rest still goes through them.
+
+No message carries a secret: URLs are redacted, and values under ``store`` are never echoed.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
-from collections.abc import Mapping, Sequence
+import traceback
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+)
+from pydantic_core import ErrorDetails
 
+from retrieval.errors import InputError
 from retrieval.events import ColumnMap
+from retrieval.redact import redact_text, secrets_of
+from retrieval.types import DEFAULT_EVENT_WEIGHTS
 from sources.base import Source, SourceParams, UnknownKindError, resolve_kind
 
 __all__ = [
@@ -25,6 +44,7 @@ __all__ = [
     "BreakerConfig",
     "ConfigError",
     "EventsConfig",
+    "LimitsConfig",
     "RetrievalConfig",
     "SourceConfig",
     "StoreConfig",
@@ -34,68 +54,109 @@ __all__ = [
 IDENTIFIER = r"^[a-z][a-z0-9_]{0,62}$"
 REDIS_URL_ENV = "RETRIEVAL_REDIS_URL"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_MAX_ECHO = 80  # characters of a bad value quoted back in a message
 
 
-class ConfigError(ValueError):
-    """A config that cannot work; ``problems`` lists ``(path, message)`` pairs."""
+class ConfigError(InputError):
+    """A config that cannot work; ``problems`` lists ``(path, message)`` pairs.
 
-    def __init__(self, origin: str, problems: Sequence[tuple[str, str]]) -> None:
+    Every message is redacted (URLs, and the ``secrets`` given) before it is kept.
+    """
+
+    def __init__(
+        self, origin: str, problems: Sequence[tuple[str, str]], *, secrets: Iterable[str] = ()
+    ) -> None:
+        secrets = list(secrets)
         self.origin = origin
-        self.problems = list(problems)
+        self.problems = [
+            (redact_text(path, secrets), redact_text(msg, secrets)) for path, msg in problems
+        ]
         lines = [
-            f"{origin}: {path}: {msg}" if path else f"{origin}: {msg}" for path, msg in problems
+            f"{origin}: {path}: {msg}" if path else f"{origin}: {msg}"
+            for path, msg in self.problems
         ]
         head = f"invalid config ({len(self.problems)} problem{'s' * (len(self.problems) != 1)})"
         super().__init__(head + "\n  " + "\n  ".join(lines))
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Numbers must be finite (YAML's .inf and .nan are refused) and unknown keys are errors.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# Strict types: YAML already types its scalars, so `k: true`, `k: "10"` or `k: 1.5` is a mistake,
+# not something to coerce. An int is still a valid float.
+Int = StrictInt
+Bool = StrictBool
+Float = StrictFloat
 
 
 class BlendConfig(_Model):
     strategy: Literal["rrf", "quota", "score", "calibrated"] = "rrf"
     calibration: Path | None = None  # default for "calibrated": <artifacts>/calibration.json
-    rrf_k: float = Field(60.0, ge=0)
-    exclude_seen: bool = True
+    rrf_k: Float = Field(60.0, ge=0)
+    exclude_seen: Bool = True
     blocklist: Path | None = None
     fallback: str | None = None
-    workers: int | None = Field(None, ge=1, le=256)
-    merge_reserve_ms: float = Field(1.0, ge=0)
+    workers: Int | None = Field(None, ge=1, le=256)
+    merge_reserve_ms: Float = Field(1.0, ge=0)
 
 
 class BreakerConfig(_Model):
-    failures: int = Field(5, ge=1)
-    cooldown_s: float = Field(10.0, gt=0)
+    failures: Int = Field(5, ge=1)
+    cooldown_s: Float = Field(10.0, gt=0)
 
 
 class StoreConfig(_Model):
     """The online store. ``url`` is overridden by ``$RETRIEVAL_REDIS_URL`` when that is set."""
 
     kind: Literal["memory", "redis"] = "memory"
-    history_len: int = Field(200, ge=0, le=100_000)
-    history_ttl_s: float | None = Field(None, gt=0)
-    half_life_s: float = Field(86_400.0, gt=0)  # decay of the live popularity counters
+    history_len: Int = Field(200, ge=0, le=100_000)
+    history_ttl_s: Float | None = Field(None, gt=0)
+    half_life_s: Float = Field(86_400.0, gt=0)  # decay of the live popularity counters
     url: str | None = None
     prefix: str = Field("cr", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
-    socket_timeout_ms: float = Field(100.0, gt=0, le=60_000)  # writes; reads use the deadline
-    read_reserve_ms: float = Field(10.0, ge=0)  # kept for the sources when the store is slow
-    buffer_events: int = Field(0, ge=0, le=10_000_000)  # 0: record() raises when Redis is down
-    cache_ttl_s: float = Field(0.0, ge=0)  # result cache; 0 = off
+    socket_timeout_ms: Float = Field(100.0, gt=0, le=60_000)  # writes; reads use the deadline
+    read_reserve_ms: Float = Field(10.0, ge=0)  # kept for the sources when the store is slow
+    buffer_events: Int = Field(0, ge=0, le=10_000_000)  # 0: record() raises when Redis is down
+    cache_ttl_s: Float = Field(0.0, ge=0)  # result cache; 0 = off
+
+
+EventWeight = Annotated[Float, Field(ge=0)]
 
 
 class EventsConfig(_Model):
     columns: ColumnMap = Field(default_factory=ColumnMap)
     segments: list[str] = Field(default_factory=list)
+    weights: dict[Annotated[str, Field(min_length=1)], EventWeight] = Field(
+        default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS),
+        description="Weight of each event type (unknown types weigh 1): the one table for "
+        "builds, sources and the live counters; a source's own params.event_weights wins.",
+    )
+
+
+class LimitsConfig(_Model):
+    """Caps on what one request may carry; a request beyond them is refused (RequestTooLarge)."""
+
+    max_exclude: Int = Field(
+        10_000, ge=0, description="Most item ids one request may ask to exclude."
+    )
+    max_seed_items: Int = Field(1_000, ge=1, description="Most seed items one request may carry.")
+    max_history: Int = Field(
+        1_000,
+        ge=1,
+        description="Most history items per request: the store's are trimmed to the newest "
+        "max_history, a longer history given by the caller is refused.",
+    )
 
 
 class SourceConfig(_Model):
     name: str = Field(pattern=IDENTIFIER)
     kind: str = Field(min_length=1)
-    timeout_ms: float | None = Field(None, gt=0)
-    quota: int | None = Field(None, ge=0)
-    weight: float = Field(1.0, ge=0)
-    required: bool = False
+    timeout_ms: Float | None = Field(None, gt=0)
+    quota: Int | None = Field(None, ge=0)
+    weight: Float = Field(1.0, ge=0)
+    required: Bool = False
     params: dict[str, Any] = Field(default_factory=dict)
 
     _cls: type[Source] | None = PrivateAttr(default=None)
@@ -115,13 +176,14 @@ class SourceConfig(_Model):
 
 
 class RetrievalConfig(_Model):
-    k: int = Field(1000, ge=1, le=1_000_000)
-    deadline_ms: float = Field(50.0, gt=0, le=60_000)
+    k: Int = Field(1000, ge=1, le=1_000_000)
+    deadline_ms: Float = Field(50.0, gt=0, le=60_000)
     artifacts: Path | None = None
     events: EventsConfig = Field(default_factory=EventsConfig)
     blend: BlendConfig = Field(default_factory=BlendConfig)
     breaker: BreakerConfig = Field(default_factory=BreakerConfig)
     store: StoreConfig = Field(default_factory=StoreConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     sources: list[SourceConfig]
 
     _origin: str = PrivateAttr(default="<config>")
@@ -155,28 +217,7 @@ class RetrievalConfig(_Model):
         environ: Mapping[str, str] | None = None,
     ) -> RetrievalConfig:
         """Validate a parsed document; raise ConfigError listing every problem."""
-        if not isinstance(data, dict):
-            kind = type(data).__name__ if data is not None else "an empty document"
-            raise ConfigError(origin, [("", f"expected a mapping at the top level, got {kind}")])
-        problems: list[tuple[str, str]] = []
-        environ = environ if environ is not None else os.environ
-        data = _substitute_env(data, environ, "", problems)
-        if problems:
-            raise ConfigError(origin, problems)
-        store = data.get("store")
-        if environ.get(REDIS_URL_ENV) and isinstance(store, dict) and store.get("kind") == "redis":
-            data = {**data, "store": {**store, "url": environ[REDIS_URL_ENV]}}
-        try:
-            config = cls.model_validate(data)
-        except ValidationError as exc:
-            raise ConfigError(origin, _pydantic_problems(exc, cls, "")) from None
-        config._origin = origin
-        config._base_dir = base_dir if base_dir is not None else Path.cwd()
-        problems.extend(_resolve_sources(config))
-        problems.extend(_cross_checks(config))
-        if problems:
-            raise ConfigError(origin, problems)
-        return config
+        return _load(cls, data, origin, base_dir, environ, [])
 
 
 def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> RetrievalConfig:
@@ -189,14 +230,203 @@ def load_config(path: str | Path, environ: Mapping[str, str] | None = None) -> R
         raise ConfigError(origin, [("", "file not found")]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(origin, [("", f"cannot read file: {exc}")]) from None
+    loader = _StrictLoader(text)
     try:
-        data = yaml.safe_load(text)
+        data = loader.get_single_data()
+    except _Refused as exc:
+        raise ConfigError(origin, [("", _yaml_message(exc))]) from None
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(origin, [("", f"not valid YAML: {where}{problem}")]) from None
-    return RetrievalConfig.load(data, origin, base_dir=path.resolve().parent, environ=environ)
+        raise ConfigError(origin, [("", "not valid YAML: " + _yaml_message(exc))]) from None
+    except RecursionError:
+        raise ConfigError(origin, [("", "not valid YAML: nested too deeply")]) from None
+    finally:
+        loader.dispose()
+    base_dir = path.resolve().parent
+    return _load(RetrievalConfig, data, origin, base_dir, environ, loader.duplicates)
+
+
+# -- the YAML loader ---------------------------------------------------------------------------
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """Valid YAML this loader will not take (anchors and aliases)."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader without anchors or aliases (a billion-laughs document expands aliases into
+    billions of nodes: refused at the first anchor, before anything is built), and which
+    records duplicate keys instead of letting the last one win silently."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[str, str]] = []
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event = self.peek_event()
+        mark: Any = event.start_mark
+        if isinstance(event, yaml.AliasEvent):
+            raise _Refused(
+                problem=f"YAML aliases (*{event.anchor}) are not allowed in a config; "
+                "write the value out where it is used",
+                problem_mark=mark,
+            )
+        anchor = getattr(event, "anchor", None)
+        if anchor is not None:
+            raise _Refused(
+                problem=f"YAML anchors (&{anchor}) are not allowed in a config; "
+                "write the value out where it is used",
+                problem_mark=mark,
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                continue  # an unhashable key: SafeLoader's own error names it
+            key = self.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in first:
+                shown = repr(key)[:_MAX_ECHO]
+                self.duplicates.append(
+                    (
+                        "",
+                        f"line {line}, column {key_node.start_mark.column + 1}: duplicate key "
+                        f"{shown} (first on line {first[key]}); YAML would keep only the last "
+                        "value, so one of them would be ignored silently",
+                    )
+                )
+            else:
+                first[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_message(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    problem = getattr(exc, "problem", None) or str(exc)
+    return f"{where}{problem}"
+
+
+# -- validation --------------------------------------------------------------------------------
+
+
+def _load(
+    cls: type[RetrievalConfig],
+    data: Any,
+    origin: str,
+    base_dir: Path | None,
+    environ: Mapping[str, str] | None,
+    early: Sequence[tuple[str, str]],
+) -> RetrievalConfig:
+    problems = list(early)
+    if not isinstance(data, dict):
+        kind = type(data).__name__ if data is not None else "an empty document"
+        problems.append(("", f"expected a mapping at the top level, got {kind}"))
+        raise ConfigError(origin, problems)
+    environ = environ if environ is not None else os.environ
+    # Strings only, in a tree: the loader refused aliases, so nothing here is walked twice.
+    env_problems: list[tuple[str, str]] = []
+    data = _substitute_env(data, environ, "", env_problems)
+    secrets = _secrets_in(data)
+    override = environ.get(REDIS_URL_ENV)
+    if override:
+        secrets += secrets_of(override)
+    store = data.get("store")
+    if override and isinstance(store, dict) and store.get("kind") == "redis":
+        data = {**data, "store": {**store, "url": override}}
+    found, config = _check(cls, data)
+    unset = [path for path, _ in env_problems]  # said once: not again as "empty" or "missing"
+    problems += env_problems + [(p, m) for p, m in found if not any(_under(p, u) for u in unset)]
+    if problems or config is None:
+        raise ConfigError(origin, problems, secrets=secrets)
+    config._origin = origin
+    config._base_dir = base_dir if base_dir is not None else Path.cwd()
+    return config
+
+
+def _check(
+    cls: type[RetrievalConfig], data: dict[Any, Any]
+) -> tuple[list[tuple[str, str]], RetrievalConfig | None]:
+    """Every problem in ``data``, and the config when there is none.
+
+    When the shape check fails, the parts that failed are left out, and the later stages run on
+    the rest: each source that parsed gets its params checked, and the cross checks run on the
+    fields they read when those parsed.
+    """
+    problems: list[tuple[str, str]] = []
+    bad: set[str] = set()
+    try:
+        config: RetrievalConfig | None = cls.model_validate(data)
+    except ValidationError as exc:
+        config = None
+        errors = exc.errors(include_url=False)
+        problems += _pydantic_problems(errors, cls, "")
+        bad = {str(e["loc"][0]) for e in errors if e["loc"]}
+    if config is not None:
+        partial: RetrievalConfig | None = config
+        entries = [(f"sources[{i}]", sc) for i, sc in enumerate(config.sources)]
+        complete = True
+    else:
+        raw = data.get("sources")
+        entries, complete, more = _parse_sources(raw, errors)
+        if isinstance(raw, dict):
+            problems = [
+                (p, m)
+                if p != "sources"
+                else (
+                    p,
+                    "expected a list of sources (each '- name: ..., kind: ...'), got a "
+                    "mapping; its entries are checked below as if listed",
+                )
+                for p, m in problems
+            ]
+        problems += more
+        cleaned = {k: v for k, v in data.items() if k not in bad}
+        cleaned["sources"] = []
+        try:
+            partial = cls.model_validate(cleaned)
+        except ValidationError:  # pragma: no cover - every failing part was left out
+            partial = None
+    weights: Mapping[str, float] = DEFAULT_EVENT_WEIGHTS
+    if partial is not None and "events" not in bad:
+        weights = partial.events.weights
+    problems += _resolve_sources(entries, weights)
+    if partial is not None:
+        problems += _cross_checks(partial, entries, complete, bad)
+    return problems, config
+
+
+def _parse_sources(
+    raw: Any, errors: Sequence[ErrorDetails]
+) -> tuple[list[tuple[str, SourceConfig]], bool, list[tuple[str, str]]]:
+    """The sources that parse, labelled with their paths; whether that is all of them; and the
+    problems of a ``sources:`` written as a mapping (name: {kind: ...}) instead of a list."""
+    entries: list[tuple[str, SourceConfig]] = []
+    problems: list[tuple[str, str]] = []
+    if isinstance(raw, list):
+        failed = {
+            e["loc"][1]
+            for e in errors
+            if len(e["loc"]) > 1 and e["loc"][0] == "sources" and isinstance(e["loc"][1], int)
+        }
+        for i, item in enumerate(raw):
+            if i not in failed:
+                try:
+                    entries.append((f"sources[{i}]", SourceConfig.model_validate(item)))
+                except ValidationError:  # pragma: no cover - it passed as part of the document
+                    failed.add(i)
+        return entries, not failed, problems
+    if isinstance(raw, dict):
+        for key, item in raw.items():
+            path = _join("sources", str(key))
+            if isinstance(item, dict) and "name" not in item:
+                item = {"name": key, **item}
+            try:
+                entries.append((path, SourceConfig.model_validate(item)))
+            except ValidationError as exc:
+                problems += _pydantic_problems(exc.errors(include_url=False), SourceConfig, path)
+    return entries, False, problems
 
 
 def _substitute_env(
@@ -224,8 +454,28 @@ def _substitute_env(
     return value
 
 
+def _secrets_in(value: Any) -> list[str]:
+    """The passwords of every URL in the document, to scrub from messages however quoted."""
+    found: list[str] = []
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            if "://" in v:
+                found += secrets_of(v)
+        elif isinstance(v, dict):
+            stack += list(v.keys()) + list(v.values())
+        elif isinstance(v, list):
+            stack += v
+    return found
+
+
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
+
+
+def _under(path: str, parent: str) -> bool:
+    return path == parent or path.startswith((parent + ".", parent + "["))
 
 
 def _format_loc(loc: Sequence[int | str], prefix: str = "") -> str:
@@ -260,84 +510,160 @@ def _inner_model(annotation: Any) -> Any:
     return None
 
 
+def _echo(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= _MAX_ECHO else shown[: _MAX_ECHO - 3] + "..."
+
+
 def _pydantic_problems(
-    exc: ValidationError, model: type[BaseModel], prefix: str
+    errors: Sequence[ErrorDetails], model: type[BaseModel], prefix: str
 ) -> list[tuple[str, str]]:
     problems = []
-    for err in exc.errors(include_url=False):
+    for err in errors:
         loc = err["loc"]
         path = _format_loc(loc, prefix)
         if err["type"] == "extra_forbidden":
             owner = _model_at(model, loc)
             allowed = ", ".join(owner.model_fields) if owner is not None else "see the docs"
-            msg = f"unknown key {str(loc[-1])!r}; allowed: {allowed}"
+            msg = f"unknown key {_echo(str(loc[-1]))}; allowed: {allowed}"
         elif err["type"] == "missing":
             msg = "required key is missing"
         else:
             msg = err["msg"]
+            # Never echo what was given under store: a URL with its password, a typo'd secret.
+            secret = not prefix and bool(loc) and loc[0] == "store"
             if "input" in err and not isinstance(err["input"], dict | list):
-                msg += f" (got {err['input']!r})"
+                msg += (
+                    " (the value is not shown: it may hold a secret)"
+                    if secret
+                    else (f" (got {_echo(err['input'])})")
+                )
         problems.append((path, msg))
     return problems
 
 
-def _resolve_sources(config: RetrievalConfig) -> list[tuple[str, str]]:
+def _resolve_kind(kind: str) -> type[Source] | str:
+    """The class of ``kind``, or why it cannot be used (a plugin's import errors included)."""
+    module = kind.partition(":")[0]
+    try:
+        cls = resolve_kind(kind)
+    except UnknownKindError as exc:
+        return str(exc)
+    except SyntaxError as exc:
+        return (
+            f"cannot import module {module!r} for kind {kind!r}: syntax error in "
+            f"{exc.filename}, line {exc.lineno}: {exc.msg}"
+        )
+    except Exception as exc:  # the plugin's module raised while being imported
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+        return (
+            f"cannot import module {module!r} for kind {kind!r}: it raised "
+            f"{type(exc).__name__}: {exc}{where}"
+        )
+    if inspect.isabstract(cls):
+        missing = ", ".join(sorted(getattr(cls, "__abstractmethods__", ())))
+        return (
+            f"{cls.__module__}.{cls.__qualname__} is abstract (it does not implement "
+            f"{missing}): a source kind must be a concrete class"
+        )
+    params = getattr(cls, "Params", None)
+    if not (isinstance(params, type) and issubclass(params, SourceParams)):
+        return (
+            f"{cls.__module__}.{cls.__qualname__}.Params must be a subclass of "
+            "sources.base.SourceParams"
+        )
+    return cls
+
+
+def _resolve_sources(
+    entries: Sequence[tuple[str, SourceConfig]], event_weights: Mapping[str, float]
+) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
-    for i, src in enumerate(config.sources):
-        try:
-            cls = resolve_kind(src.kind)
-        except UnknownKindError as exc:
-            problems.append((f"sources[{i}].kind", str(exc)))
+    for path, src in entries:
+        cls = _resolve_kind(src.kind)
+        if isinstance(cls, str):
+            problems.append((f"{path}.kind", cls))
             continue
+        raw = src.params
+        if "event_weights" in cls.Params.model_fields and "event_weights" not in raw:
+            raw = {**raw, "event_weights": dict(event_weights)}  # builds and serving agree
         try:
-            params = cls.Params.model_validate(src.params)
+            params = cls.Params.model_validate(raw)
         except ValidationError as exc:
-            problems.extend(_pydantic_problems(exc, cls.Params, f"sources[{i}].params"))
+            problems += _pydantic_problems(
+                exc.errors(include_url=False), cls.Params, f"{path}.params"
+            )
             continue
         src._cls = cls
         src._params = params
     return problems
 
 
-def _cross_checks(config: RetrievalConfig) -> list[tuple[str, str]]:
+def _cross_checks(
+    config: RetrievalConfig,
+    entries: Sequence[tuple[str, SourceConfig]],
+    complete: bool,
+    bad: set[str],
+) -> list[tuple[str, str]]:
+    """Rules across fields. ``entries`` are the sources that parsed (``complete``: all of them);
+    a check that reads a top-level field in ``bad`` (it failed its shape check) is skipped."""
     problems: list[tuple[str, str]] = []
-    if not config.sources:
+    if complete and not entries:
         problems.append(("sources", "at least one source is required"))
-    first_seen: dict[str, int] = {}
-    for i, src in enumerate(config.sources):
+    first_seen: dict[str, str] = {}
+    for path, src in entries:
         if src.name in first_seen:
             problems.append(
                 (
-                    f"sources[{i}].name",
-                    f"duplicate source name {src.name!r} (also sources[{first_seen[src.name]}]); "
+                    f"{path}.name",
+                    f"duplicate source name {src.name!r} (also {first_seen[src.name]}); "
                     "names label reports and metrics, so they must be unique",
                 )
             )
         else:
-            first_seen[src.name] = i
-        if src.timeout_ms is not None and src.timeout_ms > config.deadline_ms:
+            first_seen[src.name] = path
+        if (
+            "deadline_ms" not in bad
+            and src.timeout_ms is not None
+            and src.timeout_ms > config.deadline_ms
+        ):
             problems.append(
                 (
-                    f"sources[{i}].timeout_ms",
+                    f"{path}.timeout_ms",
                     f"{src.timeout_ms:g} ms is above the global deadline_ms "
                     f"({config.deadline_ms:g}); allowed: at most {config.deadline_ms:g}",
                 )
             )
-    quotas = [s.quota for s in config.sources if s.quota is not None]
-    if sum(quotas) > config.k:
+    quotas = [s.quota for _, s in entries if s.quota is not None]
+    if "k" not in bad and sum(quotas) > config.k:  # more sources can only add to the sum
         problems.append(
             ("sources", f"quotas sum to {sum(quotas)}, more than k ({config.k}); lower them")
         )
-    fb = config.blend.fallback
-    if fb is not None and fb not in first_seen:
+    blend = config.blend
+    fb = blend.fallback
+    if complete and "blend" not in bad and fb is not None and fb not in first_seen:
         problems.append(
             (
                 "blend.fallback",
                 f"no source named {fb!r}; allowed: {', '.join(first_seen) or '(no sources)'}",
             )
         )
-    calibrated = config.blend.strategy == "calibrated"
-    if calibrated and config.blend.calibration is None and config.artifacts is None:
+    if not {"blend", "deadline_ms"} & bad and blend.merge_reserve_ms >= config.deadline_ms:
+        problems.append(
+            (
+                "blend.merge_reserve_ms",
+                f"{blend.merge_reserve_ms:g} ms would leave no time for the sources: it must be "
+                f"below deadline_ms ({config.deadline_ms:g})",
+            )
+        )
+    calibrated = blend.strategy == "calibrated"
+    if (
+        not {"blend", "artifacts"} & bad
+        and calibrated
+        and blend.calibration is None
+        and config.artifacts is None
+    ):
         problems.append(
             (
                 "blend.calibration",
@@ -345,7 +671,7 @@ def _cross_checks(config: RetrievalConfig) -> list[tuple[str, str]]:
                 "artifacts (curves are read from <artifacts>/calibration.json)",
             )
         )
-    if config.store.kind == "redis" and not config.store.url:
+    if "store" not in bad and config.store.kind == "redis" and not config.store.url:
         problems.append(
             (
                 "store.url",

@@ -33,6 +33,7 @@ from retrieval.artifacts import IdMap
 from retrieval.build import build
 from retrieval.config import RetrievalConfig
 from retrieval.events import EventLog, read_events
+from retrieval.ids import id_keys
 from retrieval.retriever import Retriever, make_blender
 from retrieval.types import Deadline, Request, SourceStatus, as_id_array
 from sources.base import SkipSource
@@ -509,8 +510,10 @@ def _requests(split: Split, history_len: int, k_max: int) -> list[Request]:
     type_names = np.asarray(train.event_type_names or ("",), dtype=object)
     max_hist = max(history_len, 1)
     out = []
-    for user in split.users.tolist():
-        h = hist.get(user)
+    # By the id rule, not by Python equality: a test log may spell a train user "42" or 42.
+    dense = train.user_ids.to_dense(split.users).tolist()
+    for user, d in zip(split.users.tolist(), dense, strict=True):
+        h = hist.get(d)
         if h is None:
             out.append(Request(user_id=user, k=k_max))
             continue
@@ -595,11 +598,12 @@ def _score_batch(batch: list[Request]) -> list[_Scored]:
 _BLEND = "__blend__"
 
 
-def _histories(train: EventLog) -> dict[Any, tuple[npt.NDArray[Any], npt.NDArray[Any], Any]]:
-    """Each training user's events: external item ids, timestamps, and their span in ``train``."""
+def _histories(train: EventLog) -> dict[int, tuple[npt.NDArray[Any], npt.NDArray[Any], Any]]:
+    """Each training user's events by dense user index: external item ids, timestamps, and
+    their span in ``train``."""
     starts = np.flatnonzero(np.r_[True, train.users[1:] != train.users[:-1]])
     ends = np.r_[starts[1:], train.users.size]
-    users = train.user_ids.to_external(train.users[starts]).tolist()
+    users = train.users[starts].tolist()
     items = train.item_ids.to_external(train.items)
     return {
         u: (items[s:e], train.timestamps[s:e], (s, e))
@@ -619,7 +623,7 @@ def metrics(
         rec, rec_new, hit, cnt = [], [], [], []
         for cands, targets, seen_i in zip(lists, split.targets, seen, strict=True):
             cands = _same_dtype(cands, targets)
-            r, rn, h, _ = score_user(cands, targets, seen_i, k)
+            r, rn, h, _ = score_user(cands, targets, _same_dtype(seen_i, targets), k)
             rec.append(r)
             hit.append(h)
             cnt.append(min(cands.size, k))
@@ -762,14 +766,14 @@ def _unique_hits(
 
 
 def _same_dtype(cands: npt.NDArray[Any], like: npt.NDArray[Any]) -> npt.NDArray[Any]:
-    if cands.dtype.kind in "US" and like.dtype.kind in "iu":
-        ok = np.char.isdigit(cands.astype(str))
-        return cands[ok].astype(np.int64)
-    if cands.dtype.kind in "iu" and like.dtype.kind in "US":
-        return cands.astype(str)
-    if cands.dtype.kind == "f":
-        return cands.astype(np.int64) if like.dtype.kind in "iu" else cands.astype(str)
-    return cands
+    """``cands`` spelled in the kind of ``like`` by the one id rule (``retrieval.ids``), in order;
+    those that cannot be an id of that kind (``"00123"`` or ``"sku-1"`` against int targets)
+    are dropped, since they cannot match. Negative ids are ids like any other."""
+    as_str = like.dtype.kind in "US"
+    if cands.dtype.kind == ("U" if as_str else "i"):
+        return cands
+    ok, keys = id_keys(cands, as_str=as_str)
+    return keys if ok.all() else keys[ok]
 
 
 def format_report(report: EvalReport) -> str:

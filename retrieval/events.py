@@ -23,6 +23,9 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
 from retrieval.artifacts import IdMap
+from retrieval.errors import InputError
+from retrieval.ids import INT64_MAX
+from retrieval.types import DEFAULT_EVENT_WEIGHTS  # re-exported: its old home
 
 __all__ = [
     "DEFAULT_EVENT_WEIGHTS",
@@ -40,10 +43,16 @@ _CSV_SUFFIXES = (".csv", ".csv.gz")
 _PARQUET_SUFFIXES = (".parquet", ".pq")
 _NUMERIC = r"^\s*[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?\s*$"
 _ZONED = r"(Z|z|[+-]\d{2}:?\d{2})\s*$"
+_NUMBER_TEXT = r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$"
+_ID_RULE = "ids must be int64 integers or non-empty strings"
+_BOOL_TEXT = pa.array(["true", "false", "True", "False", "TRUE", "FALSE"])  # pyarrow's bools
 
 
-class EventsError(ValueError):
-    """An event log that cannot be used; the message names the file, column and a bad row."""
+class EventsError(InputError):
+    """An event log that cannot be used; the message names the file, column and a bad row.
+
+    An :class:`~retrieval.errors.InputError`, so still a ``ValueError``.
+    """
 
 
 class ColumnMap(BaseModel):
@@ -258,11 +267,15 @@ def _read_table(path: Path, cols: ColumnMap, segments: list[str]) -> pa.Table:
             table = pq.read_table(path, columns=wanted, read_dictionary=stringy)
         else:
             dict_type = pa.dictionary(pa.int32(), pa.string())
+            # Id columns as text: type inference would read "00123" as 123 (merging it with
+            # "123") and 2**64 as a float; _encode_ids applies the id rule to the text instead.
+            types: dict[str, pa.DataType] = {c: pa.string() for c in (cols.user_id, cols.item_id)}
+            types.update({c: dict_type for c in labels})
             table = pcsv.read_csv(
                 path,
                 convert_options=pcsv.ConvertOptions(
                     include_columns=wanted,
-                    column_types={c: dict_type for c in labels},
+                    column_types=types,
                     strings_can_be_null=True,
                     null_values=[""],  # only empty fields: "NA" is Namibia, not missing
                 ),
@@ -330,32 +343,151 @@ def _dict_parts(arr: pa.ChunkedArray) -> tuple[npt.NDArray[np.int32], pa.Array]:
 
 
 def _encode_ids(ctx: _Ctx, column: str) -> tuple[npt.NDArray[np.int32], IdMap]:
-    """Dense int32 codes ordered like the sorted external ids, and the map back."""
+    """Dense int32 codes ordered like the sorted external ids, and the map back.
+
+    The one id rule (``retrieval.ids``) on whole columns, in Arrow compute and numpy (no Python
+    loop over rows): integer columns are range-checked (a uint64 above int64 is refused, never
+    wrapped); text columns are int64 ids when every value is canonical int text (``"42"``,
+    ``"-7"``), else string ids, so ``"00123"`` and ``"123"`` stay two items. CSV id columns are
+    always read as text. Bool, float and other column types, empty ids and, in a CSV, integer
+    text beyond int64 or float text (``"2.0"``) are refused with the row that shows it.
+    """
     arr = ctx.col(column)
     ctx.check_nulls(column, arr)
     t = arr.type.value_type if pa.types.is_dictionary(arr.type) else arr.type
-    if pa.types.is_floating(t):
-        values = arr.to_numpy()
-        bad = np.flatnonzero(~(np.isfinite(values) & (values == np.floor(values))))
-        if bad.size:
-            ctx.fail(column, int(bad[0]), "has non-integer numeric ids")
-        arr = pa.chunked_array([values.astype(np.int64)])
-    elif pa.types.is_integer(t) or pa.types.is_boolean(t):
-        arr = arr.cast(pa.int64()) if not pa.types.is_dictionary(arr.type) else arr
-    elif not (pa.types.is_string(t) or pa.types.is_large_string(t)):
-        try:
-            arr = arr.cast(pa.string())
-        except pa.ArrowException as exc:
-            ctx.fail(column, 0, f"has type {t} that cannot be used as an id ({exc})")
-    codes, dictionary = _dict_parts(arr)
-    if pa.types.is_integer(dictionary.type):
-        id_map, dict_codes = IdMap.from_values(dictionary.cast(pa.int64()).to_numpy())
+    if pa.types.is_boolean(t):
+        ctx.fail(column, 0, f"is boolean (true/false), not ids; {_ID_RULE}")
+    if pa.types.is_floating(t) or pa.types.is_decimal(t):
+        ctx.fail(
+            column,
+            0,
+            f"has type {t}: float ids are refused (1e20 and 1e20+1 are the same float); "
+            f"{_ID_RULE}, so write the column as int64 or string",
+        )
+    if pa.types.is_integer(t):
+        codes, dictionary = _dict_parts(_int64_column(ctx, column, arr, t))
+        id_map, dict_codes = IdMap.from_values(dictionary.to_numpy())
         return dict_codes[codes], id_map
+    if not (pa.types.is_string(t) or pa.types.is_large_string(t)):
+        if not (pa.types.is_binary(t) or pa.types.is_large_binary(t) or _is_string_view(t)):
+            ctx.fail(column, 0, f"has type {t}; {_ID_RULE}")
+        try:
+            arr = arr.cast(
+                pa.dictionary(pa.int32(), pa.string())
+                if pa.types.is_dictionary(arr.type)
+                else pa.string()
+            )
+        except pa.ArrowException as exc:
+            ctx.fail(column, 0, f"has bytes that are not UTF-8 text ({exc}); {_ID_RULE}")
+    if not pa.types.is_dictionary(arr.type):
+        # Mostly a CSV column: check the rows themselves, because hashing 10M strings costs
+        # several times hashing their ints; only a column of strings gets dictionary-encoded.
+        ints = _int_texts(ctx, column, arr, None)
+        if ints is not None:
+            codes, dictionary = _dict_parts(ints)
+            id_map, dict_codes = IdMap.from_values(dictionary.to_numpy())
+            return dict_codes[codes], id_map
+    codes, dictionary = _dict_parts(arr)
+    return _text_ids(ctx, column, codes, dictionary)
+
+
+def _is_string_view(t: pa.DataType) -> bool:
+    check = getattr(pa.types, "is_string_view", None)
+    return bool(check is not None and check(t))
+
+
+def _int64_column(ctx: _Ctx, column: str, arr: pa.ChunkedArray, t: pa.DataType) -> pa.ChunkedArray:
+    """An integer column as int64; a uint64 value above int64 is refused (never wrapped)."""
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.cast(t)
+    if pa.types.is_uint64(t):
+        big = pc.greater(arr, pa.scalar(INT64_MAX, pa.uint64()))
+        if pc.any(big).as_py():
+            row = pc.index(big, True).as_py()
+            ctx.fail(
+                column,
+                row,
+                f"has id {arr[row].as_py()}, beyond int64 (uint64 column); {_ID_RULE}: "
+                "store such ids as strings",
+            )
+    return arr.cast(pa.int64())
+
+
+def _first_row(bad: npt.NDArray[np.bool_], codes: npt.NDArray[np.int32] | None) -> int:
+    """The first row showing a bad value: ``bad`` is over the rows, or over the dictionary
+    values when ``codes`` maps rows to them."""
+    if codes is None:
+        return int(np.argmax(bad))
+    return int(np.argmax(bad[codes]))
+
+
+def _int_texts(
+    ctx: _Ctx,
+    column: str,
+    values: pa.Array | pa.ChunkedArray,
+    codes: npt.NDArray[np.int32] | None,
+) -> pa.Array | pa.ChunkedArray | None:
+    """The int64s of ``values`` (non-null text) when every one is canonical int text, else
+    None (they are string ids). In a CSV, integer text beyond int64 is an error, not strings.
+
+    ``codes`` maps rows to ``values`` when these are a dictionary (for the row in a message).
+    """
+    neg = pc.starts_with(values, "-")
+    body = (
+        pc.if_else(neg, pc.utf8_slice_codeunits(values, 1), values)
+        if pc.any(neg).as_py()
+        else values
+    )
+    if not pc.all(pc.ascii_is_decimal(body)).as_py():  # also false for "" and "-"
+        return None
+    padded = pc.and_(pc.starts_with(body, "0"), pc.or_(pc.greater(pc.binary_length(body), 1), neg))
+    if pc.any(padded).as_py():  # "007", "-0": strings
+        return None
+    try:
+        return pc.cast(values, pa.int64())
+    except pa.ArrowInvalid:
+        if not ctx.csv:
+            return None  # a string column of huge numbers: string ids, as the rule says
+    flat = _combine(values) if isinstance(values, pa.ChunkedArray) else values
+    at = _first_failure(flat, lambda a: a.cast(pa.int64()))
+    bad = np.zeros(len(flat), dtype=bool)
+    bad[at] = True
+    ctx.fail(
+        column,
+        _first_row(bad, codes),
+        f"has integer id {flat[at].as_py()} beyond int64; {_ID_RULE} (CSV integer text is "
+        "read as int64: store such ids as a Parquet string column)",
+    )
+
+
+def _text_ids(
+    ctx: _Ctx, column: str, codes: npt.NDArray[np.int32], dictionary: pa.Array
+) -> tuple[npt.NDArray[np.int32], IdMap]:
+    """Codes and map for a text column, from its distinct values."""
+    if not pa.types.is_string(dictionary.type):
+        dictionary = dictionary.cast(pa.string())
+    empty = np.asarray(pc.equal(pc.binary_length(dictionary), 0))
+    if empty.any():
+        ctx.fail(column, _first_row(empty, codes), f"has empty ids; {_ID_RULE}")
+    ints = _int_texts(ctx, column, dictionary, codes)
+    if ints is not None:
+        id_map, dict_codes = IdMap.from_values(ints.to_numpy())
+        return dict_codes[codes], id_map
+    if ctx.csv and pc.all(pc.is_in(dictionary, value_set=_BOOL_TEXT)).as_py():
+        ctx.fail(column, 0, f"is boolean (true/false), not ids; {_ID_RULE}")
+    if ctx.csv and pc.all(pc.match_substring_regex(dictionary, _NUMBER_TEXT)).as_py():
+        # Every value is a number and some are not integers: pyarrow (and pandas) would have
+        # read a float column here, e.g. ids written as 2.0 by a tool that saw a NaN.
+        floaty = np.asarray(pc.match_substring_regex(dictionary, "[.eE]"))
+        if floaty.any():
+            ctx.fail(
+                column,
+                _first_row(floaty, codes),
+                f"has float ids (numbers with a decimal point or exponent); {_ID_RULE}: "
+                "write them as integers",
+            )
     id_map, dict_codes = _sorted_strings(dictionary)
-    dense = dict_codes[codes]
-    if len(id_map) and id_map.values[0] == "":
-        ctx.fail(column, int(np.argmax(dense == 0)), "has empty ids")
-    return dense, id_map
+    return dict_codes[codes], id_map
 
 
 def _sorted_strings(dictionary: pa.Array) -> tuple[IdMap, npt.NDArray[np.int32]]:
@@ -493,9 +625,6 @@ def _first_failure(arr: pa.Array, fn: Callable[[pa.Array], Any]) -> int:
         else:
             lo = mid
     return lo
-
-
-DEFAULT_EVENT_WEIGHTS: dict[str, float] = {"click": 1.0, "cart": 3.0, "order": 6.0}
 
 
 def event_weight_vector(

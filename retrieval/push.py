@@ -1,16 +1,22 @@
-"""``retrieval push``: upload built neighbour and popularity lists to Redis for artifact-less hosts.
+"""``retrieval push``: upload built neighbour lists (co-visitation, item-CF) to Redis, for hosts
+that serve those sources with ``backend: redis`` and no local artifacts.
+
+Only neighbour lists are pushed. Popularity lists are not: nothing reads them from Redis (the
+popularity source serves its build from local artifacts, plus the live counters the store keeps
+from ``record()``), so pushing them would only fill Redis.
 
 Each source's rows go under a NEW version (``{p}:nb:{version}:{source}:{item}``, one packed row
-per item, see ``retrieval.rows``); only when every row is written does one ``SET
-{p}:nb:current:{source} {version}`` switch readers over, and then older versions of that source
-are deleted. Readers fetch the current version and its rows in one atomic script, so they see the
-old set or the new one, never a mix. Run one push per prefix at a time: a push deletes every
-other version of the sources it uploads, including another push's unfinished one.
+per item, see ``retrieval.rows``); when every row is written, a marker (the row key of the empty
+item, ``{p}:nb:{version}:{source}:``) says the version is whole, and one ``SET
+{p}:nb:current:{source} {version}`` switches readers over; then older versions of that source are
+deleted. Readers fetch the current version and its rows in one atomic script, so they see the old
+set or the new one, never a mix; a current version without marker and rows is reported as
+missing. Run one push per prefix at a time: a push deletes every other version of the sources it
+uploads, including another push's unfinished one.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import uuid
@@ -21,18 +27,19 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.artifacts import CSR, IdMap, load_csr, open_artifacts
+from retrieval.artifacts import CSR, IdMap, load_csr, open_artifacts, resolve_build
 from retrieval.build import check_built
 from retrieval.config import RetrievalConfig
+from retrieval.errors import InputError, StoreError
+from retrieval.redact import redact
 from retrieval.rows import pack_row
-from retrieval.store import redact
 
 __all__ = ["PUSHABLE_KINDS", "PushResult", "push"]
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
 
-PUSHABLE_KINDS = ("covisitation", "itemcf", "popularity")
+PUSHABLE_KINDS = ("covisitation", "itemcf")  # popularity is served locally: never pushed
 _CHUNK = 2_000  # SETs per pipeline: big enough to hide the round trips, small enough to not stall
 
 
@@ -55,7 +62,11 @@ def push(
     only: Sequence[str] | None = None,
     timeout_s: float = 10.0,
 ) -> list[PushResult]:
-    """Upload every pushable source (or ``only`` these) of ``config`` from ``artifacts``."""
+    """Upload every neighbour source (or ``only`` these) of ``config`` from ``artifacts``.
+
+    Popularity sources are never pushed (see the module docstring); naming one in ``only`` is
+    an error that says so.
+    """
     import redis
 
     prefix = prefix or config.store.prefix
@@ -63,13 +74,21 @@ def push(
     if only:
         unknown = sorted(set(only) - {sc.name for sc in wanted})
         if unknown:
-            raise ValueError(
+            local = sorted(set(unknown) & {sc.name for sc in config.sources})
+            why = (
+                f" ({', '.join(local)}: only neighbour lists are pushed; popularity and other "
+                "kinds serve from local artifacts)"
+                if local
+                else ""
+            )
+            raise InputError(
                 f"cannot push {unknown}: pushable sources are "
-                f"{', '.join(sc.name for sc in wanted) or 'none'} (kinds {PUSHABLE_KINDS})"
+                f"{', '.join(sc.name for sc in wanted) or 'none'} (kinds {PUSHABLE_KINDS}){why}"
             )
         wanted = [sc for sc in wanted if sc.name in only]
     if not wanted:
-        raise ValueError(f"no source of kinds {PUSHABLE_KINDS} in the config: nothing to push")
+        raise InputError(f"no source of kinds {PUSHABLE_KINDS} in the config: nothing to push")
+    artifacts = resolve_build(Path(artifacts))  # one build throughout, even if one is published
     manifest = open_artifacts(artifacts)
     for sc in wanted:  # never publish lists built for another config
         check_built(manifest, sc)
@@ -79,32 +98,24 @@ def push(
     try:
         for sc in wanted:
             t0 = time.perf_counter()
-            rows = _rows_of(sc.kind, Path(artifacts) / sc.name, items)
+            rows = _rows_of(Path(artifacts) / sc.name, items)
             version = uuid.uuid4().hex[:16]
             n, size = _upload(client, prefix, sc.name, version, rows)
+            client.set(f"{prefix}:nb:{version}:{sc.name}:", str(n))  # the marker: all written
             client.set(f"{prefix}:nb:current:{sc.name}", version)  # the atomic switch
             deleted = _delete_other_versions(client, prefix, sc.name, version)
             results.append(PushResult(sc.name, version, n, size, deleted, time.perf_counter() - t0))
             logger.info("pushed %s version %s (%d rows) to %s", sc.name, version, n, redact(url))
     except redis.RedisError as exc:
-        raise RuntimeError(f"push to {redact(url)} failed: {type(exc).__name__}") from None
+        raise StoreError(f"push to {redact(url)} failed: {type(exc).__name__}") from None
     finally:
         client.close()
     return results
 
 
-def _rows_of(kind: str, directory: Path, items: IdMap) -> Iterator[tuple[str, bytes]]:
-    """(row key, packed row) for every non-empty row: an item's neighbours, or for popularity
-    ``_global`` and ``<segment>=<value>`` lists."""
+def _rows_of(directory: Path, items: IdMap) -> Iterator[tuple[str, bytes]]:
+    """(row key, packed row) for every non-empty row: an item's neighbours."""
     csr = load_csr(directory)
-    if kind == "popularity":
-        names = {0: "_global"}
-        segments: dict[str, dict[str, int]] = json.loads((directory / "segments.json").read_text())
-        for seg, values in segments.items():
-            names.update({int(row): f"{seg}={value}" for value, row in values.items()})
-        for row, name in names.items():
-            yield from _row(csr, row, name, items)
-        return
     for row in np.flatnonzero(np.diff(csr.indptr)).tolist():
         yield from _row(csr, row, str(items.values[row]), items)
 
@@ -131,15 +142,16 @@ def _upload(
 
 
 def _delete_other_versions(client: Any, prefix: str, source: str, keep: str) -> int:
-    """Delete this source's rows of every version but ``keep`` (old pushes, failed ones)."""
+    """Delete this source's rows and markers of every version but ``keep`` (old pushes, failed
+    ones)."""
     head = f"{prefix}:nb:".encode()
     tail = f":{source}:".encode()
     doomed: list[bytes] = []
     deleted = 0
     for key in client.scan_iter(match=f"{prefix}:nb:*:{source}:*", count=5_000):
         rest = key[len(head) :]
-        version, sep, after = rest[:16], rest[16 : 16 + len(tail)], rest[16 + len(tail) :]
-        if sep == tail and after and version != keep.encode():
+        version, sep = rest[:16], rest[16 : 16 + len(tail)]
+        if sep == tail and version != keep.encode():  # an item's row, or the version's marker
             doomed.append(key)
         if len(doomed) >= _CHUNK:
             deleted += int(client.unlink(*doomed))

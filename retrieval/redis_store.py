@@ -10,7 +10,8 @@ Key layout (``p`` is the ``prefix``; every key lives under ``{p}:``)::
     {p}:popm:e{era}:{segment}    marker: this era's set has absorbed the previous era's (SET NX)
     {p}:cache:{key}              bytes of a cached blend result (SET PX)
     {p}:nb:current:{source}      the version of ``source``'s pushed lists that readers use
-    {p}:nb:{version}:{source}:{item}   one packed row (``retrieval.rows``) per item or segment
+    {p}:nb:{version}:{source}:{item}   one packed row (``retrieval.rows``) per item
+    {p}:nb:{version}:{source}:   marker (empty item): this version's rows were all written
 
 Decay without rescans: an event adds ``w * 2**((t - t_era) / half_life_s)`` with ZINCRBY, so the
 set is always ranked by decayed weight and ``popular()`` scales scores to now with one factor. A
@@ -24,12 +25,16 @@ Redis Cluster. A user id ``42`` and ``"42"`` share a history key, as ids compare
 ``IdMap``.
 
 Failure rules: reads (``fetch``, ``history``, ``popular``, ``cache_get``) never raise and never
-block past their budget; on any error they return empty results and ``status()`` turns
-``"degraded"`` with a ``reason``, back to ``"ok"`` on the next successful round trip (the pool
-reconnects by itself). Writes retry only failures that happened before anything was sent (ZINCRBY
-is not idempotent, so a batch whose fate is unknown is never sent twice), then raise
-``StoreUnavailable`` or, with ``buffer_events > 0``, keep the events in a bounded buffer that the
-next ``record()`` or ``flush()`` sends. Passwords never reach logs or messages (``redact``).
+block past their budget; on any error (foreign data at our keys included) they return what they
+could read and ``status()`` turns ``"degraded"`` with a ``reason``, back to ``"ok"`` on the next
+successful round trip (the pool reconnects by itself). ``neighbour_rows`` raises ``StoreError``
+instead, so the source reading it reports an error. ``record()`` validates and serialises the
+whole batch before sending or buffering any of it (``InputError`` for a bad event). Writes retry
+only failures that happened before anything was sent (ZINCRBY is not idempotent, so a batch whose
+fate is unknown is never sent twice), then raise ``StoreUnavailable`` or, with ``buffer_events >
+0``, keep the events in a bounded buffer that the next ``record()`` or ``flush()`` sends; an
+event leaves the buffer only once sent. A write that meets a foreign-typed key (WRONGTYPE) raises
+``StoreError``. Passwords never reach logs or messages (``redact``).
 """
 
 from __future__ import annotations
@@ -42,18 +47,25 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from itertools import islice
+from typing import Any, NamedTuple
 
 import redis
 from redis.exceptions import RedisError, ResponseError
 
+from retrieval.errors import InputError, StoreError
+from retrieval.redact import redact, secrets_of
 from retrieval.rows import Row, RowFormatError, unpack_row
-from retrieval.store import Event, StoreRead, StoreUnavailable, _secrets_of, redact
-from retrieval.types import ItemId, UserId
+from retrieval.store import Event, StoreRead, StoreUnavailable, check_events
+from retrieval.types import DEFAULT_EVENT_WEIGHTS, ItemId, UserId
 
 __all__ = ["ERA_HALF_LIVES", "T0", "RedisStore", "StoreRead", "StoreUnavailable", "redact"]
 
 logger = logging.getLogger(__name__)
+
+# The longest history entry or popular member read back: an id and an event type of at most
+# MAX_TEXT_CHARS each (checked by record()), JSON-escaped at 6 bytes a character, fit.
+MAX_VALUE_BYTES = 16 * 1024
 logger.addHandler(logging.NullHandler())
 
 T0 = 1_704_067_200.0  # 2024-01-01T00:00:00Z: the decay reference every process agrees on
@@ -63,6 +75,19 @@ FLUSH_CHUNK = 1_000  # buffered events per pipeline when flushing
 GLOBAL_SEGMENT = "_global"
 
 # KEYS: current set, previous set, marker. ARGV: previous-era factor, marker ttl, old-set ttl.
+# The user's newest events, unless the key holds far more bytes than this store ever writes
+# there: a foreign 30 MB value must not cross the network inside a request's deadline (the
+# reply timeout bounds each socket read, not a transfer that keeps arriving), and copying it
+# into Lua to inspect it would stall the server. MEMORY USAGE measures without copying.
+_HISTORY = """
+local n = tonumber(ARGV[1])
+local bytes = redis.call('MEMORY', 'USAGE', KEYS[1], 'SAMPLES', 0)
+if bytes and bytes > n * tonumber(ARGV[2]) + 65536 then
+  return redis.error_reply('history key holds ' .. bytes .. ' bytes, more than this store writes')
+end
+return redis.call('LRANGE', KEYS[1], 0, n - 1)
+"""
+
 _MIGRATE = """
 if redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[2]) then
   if redis.call('EXISTS', KEYS[2]) == 1 then
@@ -75,13 +100,14 @@ return 0
 """
 
 
-# KEYS: the current-version key. ARGV: row key head, ":{source}:", then the items. Atomic, so a
-# push switching versions while this runs is seen entirely before or entirely after.
+# KEYS: the current-version key. ARGV: row key head, ":{source}:", then the items. Returns the
+# version, whether its marker (the row key of the empty item) exists, then one row per item.
+# Atomic, so a push switching versions while this runs is seen entirely before or entirely after.
 _ROWS = """
 local v = redis.call('GET', KEYS[1])
 if not v then return {false} end
 local head = ARGV[1] .. v .. ARGV[2]
-local out = {v}
+local out = {v, redis.call('EXISTS', head)}
 for i = 3, #ARGV, 256 do
   local keys = {}
   for j = i, math.min(i + 255, #ARGV) do keys[#keys + 1] = head .. ARGV[j] end
@@ -98,6 +124,23 @@ class _Unsent(Exception):
 
 class _Uncertain(Exception):
     """The commands were sent but the replies were lost: they may have run."""
+
+
+class _Rejected(Exception):
+    """Redis ran the batch but refused some commands (foreign data at our keys): the others
+    did apply, so it must not be sent again."""
+
+
+class _Packed(NamedTuple):
+    """One event as it will be written: every field already validated and serialised, so a
+    buffered event can always be sent (nothing about it can fail later)."""
+
+    history_key: str
+    entry: str  # JSON [item, ts, event_type]
+    member: str  # JSON item id
+    timestamp: float
+    weight: float  # the event type's weight
+    segments: tuple[str, ...]
 
 
 # A connection made on behalf of a read honours that read's deadline, not the pool's timeouts.
@@ -166,12 +209,14 @@ class RedisStore:
         self.history_len = history_len
         self.history_ttl_s = history_ttl_s
         self.half_life_s = float(half_life_s)
-        self.event_weights = dict(event_weights or {"click": 1.0, "cart": 3.0, "order": 6.0})
+        self.event_weights = dict(DEFAULT_EVENT_WEIGHTS if event_weights is None else event_weights)
         self.socket_timeout_ms = float(socket_timeout_ms)
+        self._counts_lock = threading.Lock()  # the counters below are bumped from many threads
         self.dropped = 0  # buffered events lost to overflow
         self.uncertain = 0  # events in batches whose replies were lost (maybe applied, not resent)
-        self.failures = 0  # failed or unreadable round trips so far: a blend compares before/after
-        self._secrets = _secrets_of(url)
+        self.rejected = 0  # events of batches Redis partly refused (WRONGTYPE): not resent
+        self._failures = 0
+        self._secrets = secrets_of(url)
         scheme = url.split("://", 1)[0].lower()
         conn_class = {"rediss": _SSLConnection, "unix": _UnixConnection}.get(scheme, _Connection)
         try:
@@ -186,7 +231,7 @@ class RedisStore:
             )
         except (ValueError, TypeError) as exc:
             raise ValueError(f"invalid redis url {self.url}: {self._scrub(str(exc))}") from None
-        self._buffer: deque[Event] = deque(maxlen=buffer_events or None)
+        self._buffer: deque[_Packed] = deque(maxlen=buffer_events or None)
         self._buffer_max = buffer_events
         self._buf_lock = threading.Lock()
         self._migrated: set[tuple[int, str]] = set()
@@ -238,6 +283,19 @@ class RedisStore:
     def buffered(self) -> int:
         return len(self._buffer)
 
+    @property
+    def failures(self) -> int:
+        """Failed or unreadable round trips so far (thread-safe): a blend compares it before
+        and after to see whether its own reads failed."""
+        return self._failures
+
+    def _count(self, name: str, n: int) -> int:
+        """Add ``n`` to the counter ``name`` under the lock; the new total."""
+        with self._counts_lock:
+            total = int(getattr(self, name)) + n
+            setattr(self, name, total)
+            return total
+
     def _scrub(self, text: str) -> str:
         for s in self._secrets:
             text = text.replace(s, "***")
@@ -246,7 +304,7 @@ class RedisStore:
     def _degrade(self, what: str, exc: BaseException | str) -> None:
         detail = exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}"
         reason = self._scrub(f"{what}: {detail}")
-        self.failures += 1
+        self._count("_failures", 1)
         if self._failure is None:
             logger.warning("redis store %s degraded: %s", self.url, reason)
         self._failure = reason
@@ -307,90 +365,151 @@ class RedisStore:
     def record(self, events: list[Event]) -> None:
         """Append events to histories and counters in one pipeline.
 
-        Raises StoreUnavailable when Redis cannot take them (unless buffering is on), and
-        ValueError for an event with a non-finite timestamp (nothing is written then).
+        The whole batch is validated and serialised first: a bad event raises ``InputError``
+        naming its index and field, and nothing of the batch is sent or buffered. Raises
+        ``StoreUnavailable`` when Redis cannot take the events (unless buffering is on), and
+        ``StoreError`` when Redis refused some of their commands (foreign data at our keys).
         """
-        events = list(events)
-        if not events:
+        packed = self._pack(events)
+        if not packed:
             return
         if self._closed:
             raise StoreUnavailable(f"redis store {self.url} is closed")
-        for ev in events:
-            if not math.isfinite(ev.timestamp):
-                raise ValueError(f"event timestamp must be finite, got {ev.timestamp!r}")
         if self._buffer_max == 0:
             try:
-                self._send(events, retry=True)
+                self._send(packed, retry=True)
             except _Uncertain as exc:
-                self.uncertain += len(events)
+                self._count("uncertain", len(packed))
                 raise StoreUnavailable(
-                    f"redis store {self.url}: {len(events)} events may or may not have been "
+                    f"redis store {self.url}: {len(packed)} events may or may not have been "
                     f"applied (not resent, to avoid counting them twice): {exc}"
                 ) from None
             except _Unsent as exc:
                 raise StoreUnavailable(
-                    f"redis store {self.url}: could not record {len(events)} events "
+                    f"redis store {self.url}: could not record {len(packed)} events "
                     f"after {1 + len(WRITE_BACKOFF_S)} tries: {exc}"
                 ) from None
+            except _Rejected as exc:
+                raise self._rejected_error(len(packed), exc) from None
             return
         with self._buf_lock:
             if self._buffer:  # Redis failed recently: queue behind older events, try once
-                self._add_to_buffer(events)
+                self._add_to_buffer(packed)
                 self._drain()
                 return
         try:
-            self._send(events, retry=True)
+            self._send(packed, retry=True)
         except _Unsent:
             with self._buf_lock:
-                self._add_to_buffer(events)
+                self._add_to_buffer(packed)
         except _Uncertain as exc:
-            self._lost_in_flight(len(events), exc)
+            self._lost_in_flight(len(packed), exc)
+        except _Rejected as exc:
+            raise self._rejected_error(len(packed), exc) from None
+
+    def _pack(self, events: Iterable[Event]) -> list[_Packed]:
+        """The batch validated (``check_events``) and serialised, before any of it is sent."""
+        out: list[_Packed] = []
+        for i, ev in enumerate(check_events(events)):
+            user = str(ev.user_id)
+            segments = [GLOBAL_SEGMENT]
+            if ev.context:
+                segments += [f"{k}={v}" for k, v in ev.context.items()]
+            for what, text in (("user_id", user), *(("context", seg) for seg in segments)):
+                try:  # ids go into key names as UTF-8 (the JSON values are ASCII-escaped)
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise InputError(
+                        f"events[{i}].{what}: {text!r:.80} is not valid UTF-8 text: {exc.reason}"
+                    ) from None
+            out.append(
+                _Packed(
+                    self._history_key(user),
+                    json.dumps([ev.item_id, ev.timestamp, ev.event_type], separators=(",", ":")),
+                    json.dumps(ev.item_id),
+                    ev.timestamp,
+                    float(self.event_weights.get(ev.event_type, 1.0)),
+                    tuple(segments),
+                )
+            )
+        return out
+
+    def _rejected_error(self, n: int, exc: BaseException | str) -> StoreError:
+        self._count("rejected", n)
+        return StoreError(
+            f"redis store {self.url}: Redis refused part of a batch of {n} events (foreign data "
+            f"at this store's keys; its other commands were applied, so it is not resent): {exc}"
+        )
 
     def flush(self) -> int:
-        """Send buffered events now; returns how many are still buffered."""
+        """Send buffered events now; returns how many are still buffered.
+
+        Raises ``StoreError`` when Redis refused part of a buffered batch (foreign data)."""
         with self._buf_lock:
             self._drain()
             return len(self._buffer)
 
-    def _add_to_buffer(self, events: list[Event]) -> None:
-        over = len(self._buffer) + len(events) - self._buffer_max
-        self._buffer.extend(events)  # the deque's maxlen drops the oldest
+    def _add_to_buffer(self, packed: list[_Packed]) -> None:
+        over = len(self._buffer) + len(packed) - self._buffer_max
+        self._buffer.extend(packed)  # the deque's maxlen drops the oldest
         if over > 0:
-            self.dropped += over
+            total = self._count("dropped", over)
             logger.warning(
                 "redis store %s unavailable and its buffer of %d events is full: dropped the "
                 "%d oldest (%d dropped in total)",
                 self.url,
                 self._buffer_max,
                 over,
-                self.dropped,
+                total,
             )
 
     def _drain(self) -> None:
-        """Send the buffer in order, one try per chunk (caller holds the buffer lock)."""
+        """Send the buffer in order, one try per chunk (caller holds the buffer lock).
+
+        A chunk leaves the buffer only once Redis has it (or may have it: a lost reply is
+        never resent); on any other failure it stays, in order, for the next try.
+        """
+        refused: list[str] = []
+        n_refused = 0
         while self._buffer:
-            chunk = [self._buffer.popleft() for _ in range(min(FLUSH_CHUNK, len(self._buffer)))]
+            chunk = list(islice(self._buffer, min(FLUSH_CHUNK, len(self._buffer))))
             try:
                 self._send(chunk, retry=False)
             except _Unsent:
-                self._buffer.extendleft(reversed(chunk))
-                return
+                break
             except _Uncertain as exc:
+                self._popleft(len(chunk))
                 self._lost_in_flight(len(chunk), exc)
-                return
+                break
+            except _Rejected as exc:
+                self._popleft(len(chunk))
+                refused.append(str(exc))
+                n_refused += len(chunk)
+                continue
+            except Exception as exc:  # a bug: keep the events, report, do not lose them
+                self._degrade("write", exc)
+                logger.exception("redis store %s: buffered events kept after an error", self.url)
+                break
+            self._popleft(len(chunk))
+        if refused:
+            raise self._rejected_error(n_refused, refused[0])
+
+    def _popleft(self, n: int) -> None:
+        for _ in range(n):
+            self._buffer.popleft()
 
     def _lost_in_flight(self, n: int, exc: BaseException) -> None:
-        self.uncertain += n
+        total = self._count("uncertain", n)
         logger.warning(
             "redis store %s: %d events may or may not have been applied (not resent, to avoid "
             "counting them twice; %d in total): %s",
             self.url,
             n,
-            self.uncertain,
+            total,
             exc,
         )
 
-    def _send(self, events: list[Event], retry: bool) -> None:
+    def _send(self, events: list[_Packed], retry: bool) -> None:
         waits = WRITE_BACKOFF_S if retry else ()
         for attempt in range(len(waits) + 1):
             cmds, migrations = self._write_commands(events)
@@ -408,39 +527,27 @@ class RedisStore:
         errors = [r for r in replies if isinstance(r, ResponseError)]
         if errors:
             # Wrong type at a key (foreign data): the other commands did apply; say so loudly.
-            self._degrade("write", f"{len(errors)} commands failed, first: {errors[0]}")
-            logger.warning(
-                "redis store %s: %d write commands failed, first: %s",
-                self.url,
-                len(errors),
-                self._scrub(str(errors[0])),
-            )
-            return
+            first = errors[0]
+            reason = self._scrub(f"{len(errors)} of {len(cmds)} commands failed, first: {first}")
+            self._degrade("write", reason)
+            logger.warning("redis store %s: write %s", self.url, reason)
+            raise _Rejected(reason)
         self._migrated.update(migrations)
         self._recover()
 
     def _write_commands(
-        self, events: Iterable[Event]
+        self, events: Iterable[_Packed]
     ) -> tuple[list[tuple[Any, ...]], list[tuple[int, str]]]:
         era, t_era = self._era(time.time())
         history: dict[str, list[str]] = {}
         incr: dict[str, dict[str, float]] = {}
         for ev in events:
             if self.history_len:
-                entry = json.dumps(
-                    [ev.item_id, float(ev.timestamp), ev.event_type], separators=(",", ":")
-                )
-                history.setdefault(self._history_key(ev.user_id), []).append(entry)
-            w = self.event_weights.get(ev.event_type, 1.0) * math.exp2(
-                (ev.timestamp - t_era) / self.half_life_s
-            )
-            member = json.dumps(ev.item_id)
-            segments = [GLOBAL_SEGMENT]
-            if ev.context:
-                segments += [f"{k}={v}" for k, v in ev.context.items()]
-            for seg in segments:
+                history.setdefault(ev.history_key, []).append(ev.entry)
+            w = ev.weight * math.exp2((ev.timestamp - t_era) / self.half_life_s)
+            for seg in ev.segments:
                 counts = incr.setdefault(seg, {})
-                counts[member] = counts.get(member, 0.0) + w
+                counts[ev.member] = counts.get(ev.member, 0.0) + w
         migrations = [(era, seg) for seg in incr if (era, seg) not in self._migrated]
         cmds: list[tuple[Any, ...]] = [self._migrate_cmd(e, s) for e, s in migrations]
         for key, entries in history.items():
@@ -488,7 +595,9 @@ class RedisStore:
         cmds: list[tuple[Any, ...]] = [self._migrate_cmd(e, s) for e, s in migrations]
         if want_history:
             assert user_id is not None
-            cmds.append(("LRANGE", self._history_key(user_id), 0, history_limit - 1))
+            cmds.append(
+                ("EVAL", _HISTORY, 1, self._history_key(user_id), history_limit, MAX_VALUE_BYTES)
+            )
         cmds += [
             ("ZREVRANGE", self._pop_key(era, s), 0, popular_limit - 1, "WITHSCORES") for s in segs
         ]
@@ -598,15 +707,18 @@ class RedisStore:
 
     def neighbour_rows(
         self, source: str, items: Sequence[str], *, timeout_ms: float | None = None
-    ) -> list[Row | None] | None:
+    ) -> list[Row | None]:
         """The pushed rows of ``items`` for ``source`` (None for an item without one), all of
-        one version, in one round trip; None (and degraded) when Redis fails, nothing was pushed
-        for ``source``, or the budget is spent. A malformed row is skipped (also degraded)."""
+        one version, in one round trip. A malformed row is skipped (and the store degraded).
+
+        Raises ``StoreError`` (the store degraded too) when Redis fails, when nothing was pushed
+        for ``source``, or when the current version's rows are gone; and when the budget is
+        spent before the read (then Redis is not at fault: the store stays ok)."""
         budget_ms = self.socket_timeout_ms if timeout_ms is None else timeout_ms
-        if budget_ms <= 0:
-            return None
         if not items:
             return []
+        if budget_ms <= 0:
+            raise StoreError(f"no time left to read the pushed rows of {source!r}")
         cmd = (
             "EVAL",
             _ROWS,
@@ -619,20 +731,27 @@ class RedisStore:
         try:
             (reply,) = self._roundtrip([cmd], budget_ms / 1000.0)
         except (_Unsent, _Uncertain) as exc:
-            self._degrade("rows read", str(exc))
-            return None
+            raise self._rows_failed(str(exc)) from None
         if isinstance(reply, ResponseError) or not isinstance(reply, list):
-            self._degrade("rows read", f"{source}: {reply!r:.200}")
-            return None
+            raise self._rows_failed(f"{source}: {reply!r:.200}")
         if not reply or reply[0] is None:
-            self._degrade("rows read", f"nothing pushed for {source!r}: run `retrieval push`")
-            return None
-        if len(reply) != len(items) + 1:
-            self._degrade("rows read", f"{source}: {len(reply) - 1} rows for {len(items)} items")
-            return None
+            raise self._rows_failed(
+                f"no pushed rows for {source!r} (no current version at "
+                f"{self.prefix}:nb:current:{source}): run `retrieval push`"
+            )
+        if len(reply) != len(items) + 2:
+            raise self._rows_failed(f"{source}: {len(reply) - 2} rows for {len(items)} items")
+        version = reply[0].decode("utf-8", "replace") if isinstance(reply[0], bytes) else reply[0]
+        raws = reply[2:]
+        if reply[1] != 1 and all(raw is None for raw in raws):
+            # No marker and no row: the version's rows were deleted (or never all written).
+            # With the marker, rows missing for every item just means they have no neighbours.
+            raise self._rows_failed(
+                f"no pushed rows for version {version} of {source!r}: run `retrieval push`"
+            )
         rows: list[Row | None] = []
         problems: list[str] = []
-        for item, raw in zip(items, reply[1:], strict=True):
+        for item, raw in zip(items, raws, strict=True):
             if raw is None:
                 rows.append(None)  # an item with no neighbours, or unknown to the build
                 continue
@@ -646,6 +765,10 @@ class RedisStore:
         else:
             self._recover()
         return rows
+
+    def _rows_failed(self, reason: str) -> StoreError:
+        self._degrade("rows read", reason)
+        return StoreError(f"redis store {self.url}: rows read: {self._scrub(reason)}")
 
     # -- result cache ---------------------------------------------------------------------
 
@@ -692,7 +815,11 @@ class RedisStore:
         if self._closed:
             return
         if self._buffer:
-            left = self.flush()
+            try:
+                left = self.flush()
+            except StoreError as exc:
+                logger.error("redis store %s: %s", self.url, exc)
+                left = len(self._buffer)
             if left:
                 logger.warning("redis store %s closed with %d events unsent", self.url, left)
         self._closed = True
@@ -726,6 +853,12 @@ def _loads_each(raw: list[Any], problems: list[str], what: str) -> list[Any]:
     """
     out: list[Any] = []
     for b in raw:
+        if isinstance(b, bytes | str) and len(b) > MAX_VALUE_BYTES:
+            # Nothing this package writes is this long: a foreign value, never worth parsing
+            # inside a request's deadline (a 30 MB one took longer than the whole budget).
+            problems.append(f"{what}: {len(b)} bytes, more than {MAX_VALUE_BYTES}")
+            out.append(_BAD)
+            continue
         try:
             text = b.decode("utf-8")
             value, end = _scan(text, 0)

@@ -20,9 +20,9 @@ from threadpoolctl import threadpool_limits
 
 from blender.breaker import CircuitBreaker
 from blender.calibration import CALIBRATION_FILE, Calibration
-from blender.fanout import Blender, SourceSlot
+from blender.fanout import Blender, RequestLimits, SourceSlot
 from blender.filters import load_blocklist
-from retrieval.artifacts import open_artifacts, prefetch_page_cache
+from retrieval.artifacts import open_artifacts, prefetch_page_cache, resolve_build
 from retrieval.build import check_built
 from retrieval.cache import CacheFormatError, cache_key, decode_result, encode_result
 from retrieval.config import ConfigError, RetrievalConfig, load_config
@@ -50,6 +50,9 @@ class Retriever:
         self._blas_limit = threadpool_limits(limits=1, user_api="blas")
         self.store: Store = store if store is not None else _make_store(config)
         artifacts = config.resolve_path(config.artifacts) if config.artifacts else None
+        if artifacts is not None:
+            # Resolved once: every file comes from one build, however often one is published.
+            artifacts = resolve_build(artifacts)
         _check_needs(config, artifacts)
         manifest_stamp = ""
         if artifacts is not None:
@@ -181,10 +184,11 @@ class Retriever:
             return dataclasses.replace(request, live_popular={}), False
         changes: dict[str, Any] = {"live_popular": read.popular}
         if read.items:
+            keep = -self.config.limits.max_history  # the newest; history is oldest first
             changes.update(
-                history=tuple(read.items),
-                history_timestamps=tuple(read.timestamps),
-                history_event_types=tuple(read.event_types),
+                history=tuple(read.items[keep:]),
+                history_timestamps=tuple(read.timestamps[keep:]),
+                history_event_types=tuple(read.event_types[keep:]),
             )
         return dataclasses.replace(request, **changes), read.ok
 
@@ -208,7 +212,7 @@ class Retriever:
             hit = self._cache_get(key, request, started)
             if hit is not None:
                 return self._finish(hit, ok, started)
-        result = self._blender.blend(request, started)
+        result = self._blender.blend(*self._sources_start(request, started))
         ok = ok and self._store_failures() == failures
         result = self._finish(result, ok, started)
         if key is not None:
@@ -229,12 +233,22 @@ class Retriever:
             )
             if hit is not None:
                 return self._finish(hit, ok, started)
-        result = await self._blender.ablend(request, started)
+        result = await self._blender.ablend(*self._sources_start(request, started))
         ok = ok and self._store_failures() == failures
         result = self._finish(result, ok, started)
         if key is not None:
             self._cache_put(key, result)
         return result
+
+    def _sources_start(self, request: Request, started: float) -> tuple[Request, float]:
+        """The request for the fan-out and the instant the sources' clocks start: now, after the
+        store reads, so a slow store read is the store's fault (``degraded``), never a source's
+        timeout nor a failure its breaker counts. The deadline shrinks by the time already
+        spent, so the blend still ends when the caller's deadline says."""
+        now = time.monotonic()
+        budget = request.deadline_ms or self.config.deadline_ms
+        left_ms = max(budget - (now - started) * 1000.0, 1e-3)  # 0 would mean "the default"
+        return dataclasses.replace(request, deadline_ms=left_ms), now
 
     def _store_failures(self) -> int:
         """The store's count of failed reads: sources reading pushed rows run on other threads,
@@ -366,6 +380,11 @@ def make_blender(
         workers=config.blend.workers,
         merge_reserve_ms=config.blend.merge_reserve_ms,
         curves=curves,
+        limits=RequestLimits(
+            max_exclude=config.limits.max_exclude,
+            max_seed_items=config.limits.max_seed_items,
+            max_history=config.limits.max_history,
+        ),
     )
 
 
@@ -373,7 +392,10 @@ def _make_store(config: RetrievalConfig) -> Store:
     sc = config.store
     if sc.kind == "memory":
         return MemoryStore(
-            history_len=sc.history_len, half_life_s=sc.half_life_s, history_ttl_s=sc.history_ttl_s
+            history_len=sc.history_len,
+            half_life_s=sc.half_life_s,
+            history_ttl_s=sc.history_ttl_s,
+            event_weights=dict(config.events.weights),
         )
     try:
         from retrieval.redis_store import RedisStore
@@ -398,6 +420,7 @@ def _make_store(config: RetrievalConfig) -> Store:
             half_life_s=sc.half_life_s,
             socket_timeout_ms=sc.socket_timeout_ms,
             buffer_events=sc.buffer_events,
+            event_weights=dict(config.events.weights),
         )
     except ValueError as exc:  # a malformed URL; the message is already redacted
         raise ConfigError(config.origin, [("store.url", str(exc))]) from None
@@ -450,8 +473,8 @@ def _load_curves(
 def _check_artifacts(config: RetrievalConfig, artifacts: Path) -> str:
     """Refuse a build of another format or made for other params, before touching its files.
 
-    Returns the build's ``created_at`` (empty when nothing local is served), which versions
-    the result cache."""
+    Returns the build's id (empty when nothing local is served), which versions the result
+    cache."""
     learning = [
         sc
         for sc in config.sources
@@ -462,7 +485,7 @@ def _check_artifacts(config: RetrievalConfig, artifacts: Path) -> str:
     manifest = open_artifacts(artifacts)
     for sc in learning:
         check_built(manifest, sc)
-    return manifest.created_at
+    return manifest.build_id
 
 
 _cache_lock = threading.Lock()

@@ -1,4 +1,4 @@
-"""The packed binary layout of one ranked list (a neighbour row or a popular list) in Redis.
+"""The packed binary layout of one ranked list (an item's neighbour row) in Redis.
 
 ``retrieval push`` writes it and the Redis backend of the neighbour sources reads it; it imports
 nothing else of ours. Little-endian, validated before use::

@@ -7,70 +7,183 @@ behaviour shares the state between processes and hosts.
 from __future__ import annotations
 
 import math
-import re
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
-from urllib.parse import quote, unquote, urlsplit
+from typing import Any, Protocol
 
 import numpy as np
 
-from retrieval.types import ItemId, UserId
+from retrieval.errors import InputError, StoreError
+from retrieval.ids import INT64_MAX, INT64_MIN, check_id
+from retrieval.types import DEFAULT_EVENT_WEIGHTS, ItemId, UserId
 
-__all__ = ["Event", "MemoryStore", "Store", "StoreRead", "StoreUnavailable", "redact"]
+__all__ = [
+    "Event",
+    "MemoryStore",
+    "Store",
+    "StoreRead",
+    "StoreUnavailable",
+    "check_events",
+    "check_timestamp",
+]
 
 RESCALE_HALF_LIVES = 64  # counters are rescaled before weights pass 2**64: far from overflow
 _SWEEP_EVERY = 4096  # records between sweeps of expired histories
+EARLIEST_TIMESTAMP = 946_684_800.0  # 2000-01-01T00:00:00Z: older "seconds" are a unit mistake
+FUTURE_SLACK_S = 86_400.0  # clock skew allowed for an event from the future
 
 
-def redact(url: str) -> str:
-    """``url`` with any password (userinfo or ``?password=``) replaced by ``***``."""
+def check_timestamp(value: Any, what: str = "timestamp", now: float | None = None) -> float:
+    """Seconds since the epoch as a float, between 2000-01-01 and one day from now.
+
+    Anything else raises :class:`InputError` naming ``what``: a millisecond timestamp would
+    otherwise weigh ``2**(1000 * age / half_life)`` and zero every other live counter.
+    """
+    latest = (time.time() if now is None else now) + FUTURE_SLACK_S
+    if type(value) is float and EARLIEST_TIMESTAMP <= value <= latest:
+        return value  # the common case, first
+    if isinstance(value, bool | np.bool_) or not isinstance(
+        value, int | float | np.integer | np.floating
+    ):
+        raise InputError(
+            f"{what}: must be seconds since the epoch (a number), got {value!r:.60} "
+            f"({type(value).__name__})"
+        )
     try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparsable redis url>"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user, sep, _ = userinfo.partition(":")
-        # A lone userinfo may be a bare token (redis://TOKEN@host): hide it too.
-        netloc = f"{user}:***@{host}" if sep else f"***@{host}"
-    query = re.sub(r"(?i)((?:^|&)password=)[^&]*", r"\1***", parts.query)
-    out = f"{parts.scheme}://{netloc}{parts.path}"
-    return f"{out}?{query}" if query else out
+        ts = float(value)
+    except OverflowError:
+        ts = math.inf
+    if not math.isfinite(ts):
+        raise InputError(f"{what}: must be finite seconds since the epoch, got {value!r:.60}")
+    if EARLIEST_TIMESTAMP <= ts <= latest:
+        return ts
+    hint = ""
+    for factor, unit in ((1e3, "milliseconds"), (1e6, "microseconds"), (1e9, "nanoseconds")):
+        if EARLIEST_TIMESTAMP <= ts / factor <= latest:
+            hint = f" ({unit}?)"
+            break
+    raise InputError(
+        f"{what}: must be seconds since the epoch, got {value!r:.60}{hint}; accepted: "
+        "2000-01-01 to one day from now"
+    )
 
 
-def _secrets_of(url: str) -> list[str]:
-    """Every spelling of the secrets in ``url``, to scrub them from third-party messages."""
-    found: list[str] = []
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return [url]
-    if "@" in parts.netloc:
-        userinfo = parts.netloc.rsplit("@", 1)[0]
-        found.append(userinfo.partition(":")[2] or userinfo)
-    found += re.findall(r"(?i)(?:^|&)password=([^&]*)", parts.query)
-    out: list[str] = []
-    for s in found:
-        if s:
-            out += [s, unquote(s), quote(unquote(s), safe="")]
-    return sorted({s for s in out if s}, key=len, reverse=True)
+def _check_fields(
+    user_id: Any,
+    item_id: Any,
+    timestamp: Any,
+    event_type: Any,
+    context: Any,
+    where: str,
+    now: float,
+) -> tuple[UserId, ItemId, float, str, Mapping[str, str] | None]:
+    """One event's fields validated and normalised (numpy ints become ints), or InputError
+    (IdError for an id) naming ``where`` and the field. Fields already valid come back as the
+    very same objects."""
+    user = user_id if _plain_id(user_id) else check_id(user_id, f"{where}.user_id")
+    item = item_id if _plain_id(item_id) else check_id(item_id, f"{where}.item_id")
+    ts = check_timestamp(timestamp, f"{where}.timestamp", now)
+    if type(event_type) is not str or not event_type:
+        raise InputError(f"{where}.event_type: must be a non-empty string, got {event_type!r}")
+    for name, text in (("user_id", user), ("item_id", item), ("event_type", event_type)):
+        if type(text) is str and len(text) > MAX_TEXT_CHARS:
+            raise InputError(
+                f"{where}.{name}: {len(text)} characters, more than {MAX_TEXT_CHARS}: "
+                "ids and event types are keys, not documents"
+            )
+    if context is None:
+        return user, item, ts, event_type, None
+    if type(context) is dict and all(
+        type(k) is str and k and type(v) is str for k, v in context.items()
+    ):
+        return user, item, ts, event_type, context
+    if not isinstance(context, Mapping):
+        raise InputError(
+            f"{where}.context: must be a mapping of segment to value, got {type(context).__name__}"
+        )
+    ctx: dict[str, str] = {}
+    for key, value in context.items():
+        if not isinstance(key, str) or not key:
+            raise InputError(f"{where}.context: keys must be non-empty strings, got {key!r}")
+        if isinstance(value, int | np.integer) and not isinstance(value, bool | np.bool_):
+            value = str(int(value))
+        if not isinstance(value, str):
+            raise InputError(
+                f"{where}.context[{key!r}]: must be a string (or int), got {value!r:.60}"
+            )
+        ctx[key] = value
+    return user, item, ts, event_type, ctx
+
+
+MAX_TEXT_CHARS = 1024
+"""The longest id or event type ``record()`` takes: it bounds every value the stores write, so
+anything much longer read back is foreign (and skipped without being parsed)."""
+
+
+def _plain_id(value: Any) -> bool:
+    """A valid id of the exact type it is stored as (the fast path; ``check_id`` does the rest)."""
+    t = type(value)
+    return (t is str and value != "") or (t is int and INT64_MIN <= value <= INT64_MAX)
+
+
+_FIELDS = ("user_id", "item_id", "timestamp", "event_type", "context")
 
 
 @dataclass(frozen=True, slots=True)
 class Event:
+    """One live event. Validated when made: ids by the one id rule (``retrieval.ids``; numpy
+    ints become ints), ``timestamp`` in seconds since the epoch (see ``check_timestamp``),
+    ``event_type`` a non-empty string, ``context`` string segment values (ints are spelled as
+    text). A bad field raises :class:`InputError` (:class:`IdError` for an id) naming it."""
+
     user_id: UserId
     item_id: ItemId
     timestamp: float
     event_type: str = "click"
     context: Mapping[str, str] | None = None
 
+    def __post_init__(self) -> None:
+        values = _check_fields(
+            self.user_id,
+            self.item_id,
+            self.timestamp,
+            self.event_type,
+            self.context,
+            "Event",
+            time.time(),
+        )
+        for name, value in zip(_FIELDS, values, strict=True):
+            object.__setattr__(self, name, value)
 
-class StoreUnavailable(RuntimeError):
+
+def check_events(events: Iterable[Any]) -> list[Event]:
+    """Every event of a batch validated before any is written: the first bad one raises
+    :class:`InputError` naming its index and field (``events[3].timestamp: ...``)."""
+    now = time.time()
+    out: list[Event] = []
+    for i, ev in enumerate(events):
+        where = f"events[{i}]"
+        try:
+            fields = (ev.user_id, ev.item_id, ev.timestamp, ev.event_type, ev.context)
+        except AttributeError:
+            raise InputError(f"{where}: expected an Event, got {type(ev).__name__}") from None
+        # An Event was checked when made; check again: objects can be forged or duck-typed.
+        values = _check_fields(*fields, where, now)
+        same = (
+            type(ev) is Event
+            and values[0] is fields[0]
+            and values[1] is fields[1]
+            and values[2] is fields[2]
+            and values[4] is fields[4]
+        )
+        out.append(ev if same else Event(*values))
+    return out
+
+
+class StoreUnavailable(StoreError):
     """The store could not take a write: raised instead of losing events silently."""
 
 
@@ -92,8 +205,10 @@ class StoreRead:
 class Store(Protocol):
     """What the retriever and the sources need from online state.
 
-    Reads (``fetch``, ``history``, ``popular``, ``cache_get``) never raise; writes raise
-    ``StoreUnavailable`` when the events cannot be kept.
+    Reads (``fetch``, ``history``, ``popular``, ``cache_get``) never raise. ``record`` checks
+    the whole batch first (``check_events``): a bad event raises ``InputError`` naming its index
+    and field, and nothing of that batch is written. It raises ``StoreError``
+    (``StoreUnavailable`` when the store is unreachable) when the events cannot be kept.
     """
 
     def record(self, events: list[Event]) -> None: ...
@@ -134,6 +249,8 @@ class MemoryStore:
     forward by ``RESCALE_HALF_LIVES`` half-lives: one pass every 64 half-lives, the memory twin of
     the Redis store's eras. A segment key looks like ``country=de``; ``None`` is the global
     counter. A history expires ``history_ttl_s`` after its last event, as Redis's EXPIRE does.
+    ``event_weights`` (default ``DEFAULT_EVENT_WEIGHTS``; unknown types weigh 1) is what one
+    event of each type adds to the counters.
     """
 
     def __init__(
@@ -151,7 +268,7 @@ class MemoryStore:
         self.history_len = history_len
         self.half_life_s = half_life_s
         self.history_ttl_s = history_ttl_s
-        self.event_weights = dict(event_weights or {"click": 1.0, "cart": 3.0, "order": 6.0})
+        self.event_weights = dict(DEFAULT_EVENT_WEIGHTS if event_weights is None else event_weights)
         self._lock = threading.Lock()
         self._history: dict[UserId, deque[tuple[ItemId, float, str]]] = {}
         self._expires: dict[UserId, float] = {}  # monotonic expiry per user (with a TTL only)
@@ -162,9 +279,9 @@ class MemoryStore:
         self._cache_entries = cache_entries
 
     def record(self, events: list[Event]) -> None:
-        for ev in events:
-            if not math.isfinite(ev.timestamp):
-                raise ValueError(f"event timestamp must be finite, got {ev.timestamp!r}")
+        """Append events to histories and counters; InputError for a bad event (nothing of the
+        batch is written then)."""
+        events = check_events(events)
         with self._lock:
             now = time.monotonic()
             for ev in events:

@@ -12,10 +12,17 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from retrieval.ids import id_array
+
 ItemId = int | str
 UserId = int | str
 
+DEFAULT_EVENT_WEIGHTS: dict[str, float] = {"click": 1.0, "cart": 3.0, "order": 6.0}
+"""The one default event-type weight table (unknown types weigh 1): builders, sources and the
+live stores' counters. Here, not in ``retrieval.events``, so serving never imports pyarrow."""
+
 __all__ = [
+    "DEFAULT_EVENT_WEIGHTS",
     "Candidate",
     "CandidateSet",
     "Deadline",
@@ -28,23 +35,15 @@ __all__ = [
 ]
 
 
-def as_id_array(ids: Sequence[ItemId] | npt.NDArray[Any]) -> npt.NDArray[Any]:
+def as_id_array(ids: Sequence[ItemId] | npt.NDArray[Any], what: str = "ids") -> npt.NDArray[Any]:
     """Ids as a numpy array: int64 for integer ids, unicode for string ids.
 
-    One canonical dtype per id kind lets the blender merge lists with vectorised set operations.
+    The one id rule (:func:`retrieval.ids.id_array`, of which this is an alias): one canonical
+    dtype per id kind lets the blender merge lists with vectorised set operations; bools,
+    floats, None, empty strings, ids beyond int64 and ints mixed with non-numeric strings raise
+    :class:`retrieval.errors.IdError` (a ``ValueError``) naming ``what``.
     """
-    arr = np.asarray(ids)
-    if arr.size == 0:
-        return np.empty(0, dtype=np.int64)
-    if arr.dtype.kind in "iu":
-        return arr.astype(np.int64, copy=False)
-    if arr.dtype.kind in "US":
-        return arr.astype(str, copy=False)
-    if arr.dtype.kind == "O":
-        if all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in arr.tolist()):
-            return arr.astype(np.int64)
-        return arr.astype(str)
-    raise TypeError(f"item ids must be integers or strings, got dtype {arr.dtype}")
+    return id_array(ids, what)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +115,8 @@ class SourceStatus(StrEnum):
     ERROR = "error"
     SKIPPED = "skipped"
     CIRCUIT_OPEN = "circuit_open"
+    SHED = "shed"
+    """Not run: the source's calls in flight were at their cap, or it could not start in time."""
 
 
 @dataclass(slots=True)

@@ -8,40 +8,43 @@ instead, unless the history is newer than the build, with ``user_vector: trained
 normalised weighted mean of the recent items' embeddings (user-supplied embeddings have no model
 to re-solve with).
 
-annoy segfaults on a wrong dimension or a damaged file, so every build has a JSON sidecar
-(``ann.json``) that is validated before the index is opened, and one self-check query runs after.
-``backend: auto`` (the default) serves small catalogues by exact search (``sources.ann_exact``)
-and larger ones from a faiss IVF index (``sources.ann_faiss``); annoy stays an explicit choice: it
-cannot reach recall 0.95 at k = 1,000 over millions of items within the budget (issue 6), and at
-550k synthetic items its recall was 0.50 of exact search at only 1.2x its speed (issue 10).
+Every build has a JSON sidecar (``ann.json``) that is validated before any index file is
+opened (annoy segfaults on a wrong dimension or a damaged file), and the index runs one
+self-check query after loading. ``backend: auto`` (the default) serves small catalogues by exact
+search (``sources.ann_exact``) and larger ones from a faiss IVF index (``sources.ann_faiss``);
+annoy (``sources.ann_annoy``) stays an explicit choice: it cannot reach recall 0.95 at k = 1,000
+over millions of items within the budget (issue 6), and at 550k synthetic items its recall was
+0.50 of exact search at only 1.2x its speed (issue 10).
+
+Each backend is a ``sources.vector_index.VectorIndex``: ``AnnSource`` opens one at load
+(``_open_index``, the one place that picks by backend) and only calls its ``search``.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import logging
-import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 import scipy.sparse as sp
-from annoy import AnnoyIndex
 from pydantic import Field
 from threadpoolctl import threadpool_limits
 
-from retrieval.artifacts import ArtifactError, IdMap
+from retrieval.artifacts import ArtifactError, IdMap, require_finite, source_root
 from retrieval.events import DEFAULT_EVENT_WEIGHTS, event_weight_vector
 from retrieval.types import Deadline, Request, as_id_array
+from sources import ann_annoy, ann_exact, ann_faiss
+from sources.ann_annoy import AnnoySearch, build_annoy
 from sources.ann_exact import ExactSearch
-from sources.ann_faiss import INDEX as FAISS_INDEX
-from sources.ann_faiss import FaissIVF, build_ivf, default_nprobe
-from sources.base import Ranked, SkipSource, Source, SourceContext, SourceParams
+from sources.ann_faiss import FaissIVF, build_ivf
+from sources.base import Ranked, SkipSource, Source, SourceContext, SourceParams, register
 from sources.history import weighted_history
+from sources.vector_index import VectorIndex, unit_rows
 
 if TYPE_CHECKING:
     from retrieval.events import EventLog
@@ -66,14 +69,16 @@ FORMAT_VERSION = 1
 # 1,001) 0.73 / 1.07 with recall 0.986 of exact; recall@1000 of the next item 0.9263 vs 0.9260.
 EXACT_MAX_ITEMS = 50_000
 SIDECAR = "ann.json"
-INDEX = "index.ann"
-_ON_DISK_AUTO = 1_000_000  # items above which the index is built on disk, not in RAM
-_ADD_CHUNK = 65_536  # rows converted to Python lists at a time while filling the index
-_TIGHT_MS = 5.0  # below this much time left, search_k / nprobe shrink in proportion
 _FINITE_CHUNK = 262_144
 _CALIBRATION_K = 1000  # the blend's default k: nprobe is calibrated for it, scaled for more
 _CALIBRATION_QUERIES = 200
-_SELF_CHECK_TOL = 0.02  # distance, relative to |v| for euclidean, under which a hit counts
+
+# Each backend's own sidecar checks, run before any of its files is opened.
+_SIDECAR_CHECKS: dict[str, Callable[[Mapping[str, Any], Path, Path], None]] = {
+    "exact": ann_exact.check_sidecar,
+    "faiss": ann_faiss.check_sidecar,
+    "annoy": ann_annoy.check_sidecar,
+}
 
 
 class AnnParams(SourceParams):
@@ -164,27 +169,6 @@ def resolve_backend(backend: str, n_items: int) -> str:
     if backend != "auto":
         return backend
     return "exact" if n_items <= EXACT_MAX_ITEMS else "faiss"
-
-
-def _annoy_metric(metric: str) -> str:
-    """angular is served as euclidean over unit vectors: the same ranking (|a-b|^2 = 2 - 2 cos),
-    but annoy's euclidean splits have an offset, so they can cut a narrow cone of vectors.
-
-    ALS puts most long-tail items in such a cone (median pairwise cosine 0.96 on the synthetic
-    log); annoy's angular splits pass through the origin, fail there and fall back to random
-    sides: recall@1000 against exact search was 0.06 with angular, 0.47-0.86 with this.
-    """
-    return "euclidean" if metric == "angular" else metric
-
-
-def _unit_rows(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.where(norms > 0, norms, 1.0)).astype(np.float32, copy=False)
-
-
-def _node_bytes(metric: str, dims: int) -> int:
-    """annoy's node size: n_descendants + 2 children (+ a float for euclidean/dot) + vector."""
-    return 4 + 8 + (0 if metric == "angular" else 4) + 4 * dims
 
 
 # --------------------------------------------------------------------------------------------
@@ -321,46 +305,25 @@ def _fit_als(
     return items, users
 
 
-def _build_index(x: npt.NDArray[np.float32], p: AnnParams, metric: str, path: Path) -> bool:
-    n, dims = x.shape
-    on_disk = p.on_disk_build if p.on_disk_build is not None else n > _ON_DISK_AUTO
-    index = AnnoyIndex(dims, _annoy_metric(metric))  # type: ignore[arg-type]
-    index.set_seed(p.seed)
-    if on_disk:
-        index.on_disk_build(str(path))
-    # annoy has no batch add; one call per item is its API (chunked so lists stay small).
-    for start in range(0, n, _ADD_CHUNK):
-        chunk = x[start : start + _ADD_CHUNK]
-        if metric == "angular":
-            chunk = _unit_rows(chunk)
-        for i, row in enumerate(chunk.tolist(), start):
-            index.add_item(i, row)
-    index.build(p.n_trees, n_jobs=-1)
-    if not on_disk:
-        index.save(str(path))
-    index.unload()
-    return on_disk
-
-
 # --------------------------------------------------------------------------------------------
 # source
 
 
-class AnnSource(Source):
+@register("ann")
+class AnnSource(Source[AnnParams]):
     """Nearest items to a query vector; seed items (and with ``exclude_history`` the history
     items) are excluded from the results."""
 
-    kind = "ann"
     Params = AnnParams
 
-    def __init__(self, name: str, params: SourceParams, context: SourceContext) -> None:
+    def __init__(self, name: str, params: AnnParams, context: SourceContext) -> None:
         super().__init__(name, params, context)
-        if not isinstance(params, AnnParams):
-            raise TypeError(f"{name}: expected AnnParams, got {type(params).__name__}")
-        self.p = params
         if context.artifacts is None:
             raise ArtifactError(f"source {name!r} (ann) needs built artifacts; run a build")
-        root = Path(context.artifacts)
+        # Resolved once, and every file checked against the manifest's SHA-256 before annoy or
+        # faiss sees it: a bit-flipped annoy index loads, then aborts the process (or silently
+        # ranks differently) on the first query.
+        root = source_root(Path(context.artifacts), name)
         self.dir = root / name
         meta = self._read_sidecar(self.dir)
         self.meta = meta
@@ -383,34 +346,20 @@ class AnnSource(Source):
             self._users = self._npy(self.dir / "user_factors.npy", (len(self.user_ids), self.dims))
             self._gram = np.asarray(self._npy(self.dir / "gram.npy", (self.dims, self.dims)))
         self.backend: str = meta["backend"]
-        allowed = ("exact", "faiss") if self.p.backend == "auto" else (self.p.backend,)
+        allowed = ("exact", "faiss") if self.params.backend == "auto" else (self.params.backend,)
         if self.backend not in allowed:
             raise ArtifactError(
                 f"{self.dir / SIDECAR}: built with backend {self.backend!r}, configured "
-                f"{self.p.backend!r}; rebuild"
+                f"{self.params.backend!r}; rebuild"
             )
-        self.index: AnnoyIndex | None = None
-        self.ivf: FaissIVF | None = None
-        self.exact: ExactSearch | None = None
-        if self.backend == "exact":
-            self.exact = ExactSearch(self._items, self.metric, self.dir / "item_factors.npy")
-            return
-        if self.backend == "faiss":
-            self.ivf = FaissIVF(self.dir / FAISS_INDEX, meta)
-            self._self_check_faiss()
-            return
-        self.index = AnnoyIndex(self.dims, meta["annoy_metric"])
-        try:
-            self.index.load(str(self.dir / INDEX), prefault=False)
-        except OSError as exc:
-            raise ArtifactError(f"{self.dir / INDEX}: annoy cannot load it ({exc})") from exc
-        self._self_check()
+        self.index: VectorIndex = self._open_index(meta)
 
     # ---- loading -------------------------------------------------------------------------
 
     @staticmethod
     def _read_sidecar(directory: Path) -> dict[str, Any]:
-        """Everything annoy would crash on, checked before annoy sees the file."""
+        """The sidecar, checked (its common fields, then the backend's own: everything annoy
+        would crash on) before any index file is opened."""
         path = directory / SIDECAR
         try:
             meta = json.loads(path.read_text(encoding="utf-8"))
@@ -429,39 +378,10 @@ class AnnSource(Source):
         if metric not in ("angular", "dot", "euclidean"):
             raise ArtifactError(f"{path}: unknown metric {metric!r}")
         meta.setdefault("backend", "annoy")  # sidecars written before faiss have no key
-        if meta["backend"] == "exact":  # no index: item_factors.npy is checked when it is opened
-            for key in ("max_timestamp", "own_ids", "user_factors"):
-                if key not in meta:
-                    raise ArtifactError(f"{path}: missing {key!r}; rebuild")
-            return meta
-        if meta["backend"] == "faiss":
-            for key in ("max_timestamp", "index_bytes", "own_ids", "user_factors", "nlist"):
-                if key not in meta:
-                    raise ArtifactError(f"{path}: missing {key!r}; rebuild")
-            if not isinstance(meta["nlist"], int) or meta["nlist"] <= 0:
-                raise ArtifactError(f"{path}: nlist must be a positive integer")
-            return meta
-        if meta["backend"] != "annoy":
+        check = _SIDECAR_CHECKS.get(meta["backend"])
+        if check is None:
             raise ArtifactError(f"{path}: unknown backend {meta['backend']!r}")
-        if meta.get("annoy_metric") != _annoy_metric(metric):
-            raise ArtifactError(
-                f"{path}: annoy_metric {meta.get('annoy_metric')!r} does not serve {metric!r}"
-            )
-        for key in ("max_timestamp", "index_bytes", "own_ids", "user_factors"):
-            if key not in meta:
-                raise ArtifactError(f"{path}: missing {key!r}; rebuild")
-        index = directory / INDEX
-        try:
-            size = index.stat().st_size
-        except OSError as exc:
-            raise ArtifactError(f"{index}: missing ({exc}); rebuild") from exc
-        node = _node_bytes(meta["annoy_metric"], dims)
-        if size == 0 or size != meta["index_bytes"] or size % node or size // node < n:
-            raise ArtifactError(
-                f"{index}: {size} bytes, inconsistent with {SIDECAR} (expected "
-                f"{meta['index_bytes']} bytes of {node}-byte nodes for {n} items of {dims} dims); "
-                "the file is damaged or from another build"
-            )
+        check(meta, directory, path)
         return meta
 
     @staticmethod
@@ -474,48 +394,27 @@ class AnnSource(Source):
             raise ArtifactError(f"{path}: shape {arr.shape} {arr.dtype}, expected {shape} floats")
         return arr.view(np.ndarray)  # same mapping, without memmap's per-slice Python overhead
 
-    def _self_check_faiss(self) -> None:
-        """Item 0's own list holds it: one probe must find it (or a twin at the same score)."""
-        assert self.ivf is not None
-        v = np.asarray(self._items[0], dtype=np.float32)
-        if self.metric == "angular":
-            v = _unit_rows(v)
-        rows, raw = self.ivf.search(v, min(10, self.n_items), nprobe=1)
-        ok = rows.size > 0 and bool(np.isfinite(raw).all())
-        if ok and self.metric != "dot":
-            own = 0.0 if self.ivf.l2 else float(v @ v)
-            tol = _SELF_CHECK_TOL * (float(v @ v) + 1e-12)
-            ok = 0 in rows.tolist() or abs(float(raw[0]) - own) <= tol
-        if not ok:
-            raise ArtifactError(
-                f"{self.dir / FAISS_INDEX}: self-check failed (item 0 not found from its own "
-                "vector); the index does not match item_factors.npy: rebuild"
+    def _open_index(self, meta: dict[str, Any]) -> VectorIndex:
+        """The backend's index over the item vectors, self-checked: the one place that picks
+        by backend at load."""
+        if self.backend == "exact":
+            return ExactSearch(self._items, self.metric, self.dir / "item_factors.npy")
+        if self.backend == "faiss":
+            return FaissIVF(
+                self.dir / ann_faiss.INDEX,
+                meta,
+                self._items,
+                nprobe=self.params.nprobe,
+                rerank=self.params.rerank,
+                calibration_k=_CALIBRATION_K,
             )
-
-    def _self_check(self) -> None:
-        """The index must hold the saved vectors and find item 0 (or a near twin) from its vector.
-
-        Near-duplicate vectors (common for long-tail ALS items) cannot be split by a hyperplane,
-        so annoy places them on random sides and item 0 itself may be unreachable; a result at
-        (almost) zero distance proves the search works just as well.
-        """
-        assert self.index is not None
-        v = np.asarray(self._items[0], dtype=np.float32)
-        if self.metric == "angular":
-            v = _unit_rows(v)
-        stored = np.asarray(self.index.get_item_vector(0), dtype=np.float32)
-        ok = self.index.get_n_items() == self.n_items and np.allclose(stored, v, atol=1e-5)
-        if ok and self.metric != "dot":  # under dot another item may legitimately beat item 0
-            found, dist = self.index.get_nns_by_vector(
-                v.tolist(), 10, search_k=self.p.n_trees * 1000, include_distances=True
-            )
-            scale = float(np.linalg.norm(v)) + 1e-12
-            ok = 0 in found or (bool(dist) and dist[0] <= _SELF_CHECK_TOL * scale)
-        if not ok:
-            raise ArtifactError(
-                f"{self.dir / INDEX}: self-check failed (item 0 not found from its own vector); "
-                "the index does not match item_factors.npy: rebuild"
-            )
+        return AnnoySearch(
+            self.dir / ann_annoy.INDEX,
+            meta,
+            self._items,
+            n_trees=self.params.n_trees,
+            search_k=self.params.search_k,
+        )
 
     # ---- serving -------------------------------------------------------------------------
 
@@ -530,7 +429,7 @@ class AnnSource(Source):
     def _user_row(self, user_id: Any) -> int:
         if user_id is None or self.user_ids is None:
             return -1
-        return int(self.user_ids.to_dense(as_id_array([user_id]))[0])
+        return int(self.user_ids.to_dense([user_id])[0])
 
     def _check_vector(self, vector: Any) -> npt.NDArray[np.float32]:
         v = np.asarray(vector, dtype=np.float32)
@@ -548,19 +447,19 @@ class AnnSource(Source):
         """The query vector, the index rows to exclude (the seed items, and with
         ``exclude_history`` the history items) and which rule produced it."""
         ids, weights = weighted_history(
-            request, self.p.history, self.p.recency_decay, self.p.event_weights
+            request, self.params.history, self.params.recency_decay, self.params.event_weights
         )
         rows = self.item_ids.to_dense(ids) if ids.size else np.empty(0, dtype=np.int32)
         known = rows >= 0
         rows, weights = rows[known], weights[known].astype(np.float64)
-        drop = rows if self.p.exclude_history else self._seed_rows(request)
+        drop = rows if self.params.exclude_history else self._seed_rows(request)
         if request.vector is not None:
             return self._check_vector(request.vector), drop, "vector"
         u = self._user_row(request.user_id)
         stamps = request.history_timestamps
         fresh = (
             bool(request.seed_items)
-            or self.p.user_vector == "history"
+            or self.params.user_vector == "history"
             or (
                 bool(request.history)
                 and (stamps is None or max(stamps, default=0.0) > self.max_timestamp)
@@ -574,7 +473,7 @@ class AnnSource(Source):
         y = np.asarray(self._items[np.sort(rows)], dtype=np.float64)
         w = weights[np.argsort(rows)]
         if self._gram is not None:
-            x = _solve_user(y, self.p.alpha * w, self._gram, self.p.regularization)
+            x = _solve_user(y, self.params.alpha * w, self._gram, self.params.regularization)
             how = "recalculated"
         else:
             norms = np.linalg.norm(y, axis=1, keepdims=True)
@@ -591,81 +490,17 @@ class AnnSource(Source):
         """Index rows of the request's seed items ("more like this" never returns the seed)."""
         if not request.seed_items:
             return np.empty(0, dtype=np.int32)
-        rows = np.asarray(self.item_ids.to_dense(as_id_array(list(request.seed_items))))
+        rows = np.asarray(self.item_ids.to_dense(list(request.seed_items)))
         return rows[rows >= 0].astype(np.int32)
-
-    def _search_k(self, n: int, deadline: Deadline) -> int:
-        """annoy's knob, shrunk in proportion when less than ``_TIGHT_MS`` is left."""
-        full = self.p.search_k if self.p.search_k > 0 else self.p.n_trees * n
-        left = deadline.remaining_ms()
-        if left >= _TIGHT_MS:
-            return full
-        return max(n, int(full * max(left, 0.0) / _TIGHT_MS))
-
-    def nprobe(self, n: int, deadline: Deadline) -> int:
-        """faiss's knob (configured, or derived from the catalogue size and ``n``), shrunk in
-        proportion when less than ``_TIGHT_MS`` is left."""
-        assert self.ivf is not None
-        full = self.p.nprobe or self._calibrated_nprobe(n)
-        left = deadline.remaining_ms()
-        if left >= _TIGHT_MS:
-            return full
-        return max(1, int(full * max(left, 0.0) / _TIGHT_MS))
-
-    def _calibrated_nprobe(self, n: int) -> int:
-        """The build's measured nprobe (for k = 1,000; scaled up for a larger k), or the
-        size-derived default for an index built before calibration existed."""
-        assert self.ivf is not None
-        measured = self.meta.get("nprobe")
-        if not isinstance(measured, int) or measured < 1:
-            return default_nprobe(self.ivf.nlist, self.n_items, n)
-        return min(self.ivf.nlist, max(measured, math.ceil(measured * n / _CALIBRATION_K)))
-
-    def _faiss_search(
-        self, v: npt.NDArray[np.float32], n: int, deadline: Deadline
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-        """Rows and scores on annoy's scale (cosine, dot, -distance); sq8 re-ranked exactly."""
-        assert self.ivf is not None
-        rerank = self.meta.get("storage") == "sq8" and self.p.rerank > 0
-        m = min(self.n_items, max(n, self.p.rerank)) if rerank else n
-        rows, raw = self.ivf.search(v, m, self.nprobe(n, deadline))
-        if not rerank:
-            return rows, (-np.sqrt(np.maximum(raw, 0.0)) if self.ivf.l2 else raw)
-        rows = np.sort(rows)  # ascending offsets: the gather from the mmap reads forwards
-        y = np.asarray(self._items[rows], dtype=np.float32)
-        if self.metric == "angular":
-            y = _unit_rows(y)
-        if self.metric == "euclidean":
-            exact = -np.linalg.norm(y - v, axis=1).astype(np.float32)
-        else:
-            exact = (y @ v).astype(np.float32)
-        top = np.argsort(-exact, kind="stable")[:n]
-        return rows[top], exact[top]
 
     def retrieve(self, request: Request, k: int, deadline: Deadline) -> Ranked:
         v, exclude, _ = self.query_vector(request)
         if self.metric == "angular":
             if not np.any(v):
                 raise SkipSource("zero query vector under the angular metric")
-            v = _unit_rows(v)
+            v = unit_rows(v)
         n = min(self.n_items, k + int(exclude.size))
-        if self.exact is not None:
-            rows, scores = self.exact.search(v, n)
-        elif self.ivf is not None:
-            rows, scores = self._faiss_search(v, n, deadline)
-        else:
-            assert self.index is not None
-            found, dist = self.index.get_nns_by_vector(
-                v.tolist(), n, search_k=self._search_k(n, deadline), include_distances=True
-            )
-            rows = np.asarray(found, dtype=np.int64)
-            d = np.asarray(dist, dtype=np.float32)
-            if self.metric == "angular":
-                scores = 1.0 - 0.5 * d * d  # unit vectors: |a - b| = sqrt(2 - 2 cos)
-            elif self.metric == "dot":
-                scores = d
-            else:
-                scores = -d
+        rows, scores = self.index.search(v, n, deadline)
         if exclude.size:
             keep = ~np.isin(rows, exclude)
             rows, scores = rows[keep], scores[keep]
@@ -673,10 +508,7 @@ class AnnSource(Source):
         return self.item_ids.to_external(rows[order]), scores[order].astype(np.float32)
 
     def close(self) -> None:
-        if self.index is not None:
-            self.index.unload()
-        self.ivf = None
-        self.exact = None
+        self.index.close()
 
     # ---- build ---------------------------------------------------------------------------
 
@@ -705,6 +537,8 @@ class AnnSource(Source):
         else:
             items, users = _fit_als(events, p)
             origin = "als"
+            require_finite(items, f"{out_dir}: ALS item factors")
+            require_finite(users, f"{out_dir}: ALS user factors")
         t_embed = time.perf_counter() - t0
         np.save(out_dir / "item_factors.npy", items, allow_pickle=False)
         if own_ids is not None:
@@ -736,7 +570,7 @@ class AnnSource(Source):
             ivf = build_ivf(
                 items,
                 metric,
-                out_dir / FAISS_INDEX,
+                out_dir / ann_faiss.INDEX,
                 nlist=p.nlist,
                 storage=p.storage,
                 balance=p.balance_lists,
@@ -748,14 +582,15 @@ class AnnSource(Source):
             meta = {**common, **ivf}
             on_disk = True
         else:
-            on_disk = _build_index(items, p, metric, out_dir / INDEX)
-            meta = {
-                **common,
-                "annoy_metric": _annoy_metric(metric),
-                "n_trees": p.n_trees,
-                "annoy_version": importlib.metadata.version("annoy"),
-                "index_bytes": (out_dir / INDEX).stat().st_size,
-            }
+            annoy, on_disk = build_annoy(
+                items,
+                metric,
+                out_dir / ann_annoy.INDEX,
+                n_trees=p.n_trees,
+                seed=p.seed,
+                on_disk_build=p.on_disk_build,
+            )
+            meta = {**common, **annoy}
         t_index = time.perf_counter() - t1
         (out_dir / SIDECAR).write_text(json.dumps(meta, indent=2), encoding="utf-8")
         if progress is not None:

@@ -5,10 +5,13 @@ item matrix plus an ``argpartition`` is as fast as a calibrated faiss IVF index 
 (``benchmarks/ann_exact_vs_ivf.py``), needs no index file, no training and has recall 1.
 numpy was kept over faiss's flat index: as fast at every size measured, and faiss would hold a
 private copy of the vectors where numpy reads the shared page cache of ``item_factors.npy``.
+
+``ExactSearch`` is a ``sources.vector_index.VectorIndex``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +19,19 @@ import numpy as np
 import numpy.typing as npt
 
 from retrieval.artifacts import ArtifactError
+from retrieval.types import Deadline
 
-__all__ = ["ExactSearch"]
+__all__ = ["ExactSearch", "check_sidecar"]
 
 _CHUNK = 262_144  # rows read at a time while checking the matrix at load
+
+
+def check_sidecar(meta: Mapping[str, Any], directory: Path, sidecar: Path) -> None:
+    """The exact backend's sidecar keys (it has no index: ``item_factors.npy`` is checked when
+    it is opened)."""
+    for key in ("max_timestamp", "own_ids", "user_factors"):
+        if key not in meta:
+            raise ArtifactError(f"{sidecar}: missing {key!r}; rebuild")
 
 
 class ExactSearch:
@@ -44,6 +56,7 @@ class ExactSearch:
             sq[lo : lo + chunk.shape[0]] = np.einsum("ij,ij->i", chunk, chunk)
         self.items = items
         self.metric = metric
+        self.n_items = n
         self._inv_norm: npt.NDArray[np.float32] | None = None
         self._sq: npt.NDArray[np.float32] | None = None
         if metric == "angular":  # zero rows score 0, like a zero vector's cosine
@@ -53,17 +66,19 @@ class ExactSearch:
             self._sq = sq
 
     def search(
-        self, v: npt.NDArray[np.float32], n: int
+        self, query: npt.NDArray[np.float32], k: int, deadline: Deadline | None = None
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
-        """Top ``n`` rows, best first, with scores on the source's scale: inner product, cosine
-        (``v`` must be a unit vector) or minus the euclidean distance."""
-        s = self.items @ np.asarray(v, dtype=np.float32)
+        """Top ``k`` rows, best first, with scores on the source's scale: inner product, cosine
+        (``query`` must be a unit vector) or minus the euclidean distance. Every item is scored
+        whatever the deadline: there is no knob to turn down."""
+        v = np.asarray(query, dtype=np.float32)
+        s = self.items @ v
         if self._inv_norm is not None:
             s *= self._inv_norm
         elif self._sq is not None:
             s = 2.0 * s - self._sq  # |v|^2 - |x - v|^2: the same order as -|x - v|
         total = s.shape[0]
-        n = min(n, total)
+        n = min(k, total)
         if n <= 0:
             return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
         top = np.argpartition(s, total - n)[total - n :] if n < total else np.arange(total)
@@ -72,3 +87,6 @@ class ExactSearch:
         if self._sq is not None:
             scores = -np.sqrt(np.maximum(float(v @ v) - scores, 0.0))
         return top.astype(np.int64), scores.astype(np.float32)
+
+    def close(self) -> None:
+        """Nothing of its own to release: the matrix is the ann source's memory map."""

@@ -10,11 +10,16 @@ Storage is ``flat`` (float32, exact scores) or ``sq8`` (one byte per dimension, 
 scores approximate, so the best ``rerank`` candidates are re-scored exactly from the item
 vectors). The index file is memory-mapped at load (``IO_FLAG_MMAP_IFC``): serving processes
 share the page cache and the private RSS stays small.
+
+``FaissIVF`` is a ``sources.vector_index.VectorIndex``: it picks ``nprobe`` per query (configured,
+or the build's calibrated value scaled to ``k``, turned down when the deadline is close) and
+returns the ann source's scores (re-ranked exactly for sq8).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,12 +27,15 @@ import numpy as np
 import numpy.typing as npt
 
 from retrieval.artifacts import ArtifactError
+from retrieval.types import Deadline
+from sources.vector_index import SELF_CHECK_TOL, scaled_to_deadline, unit_rows
 
 __all__ = [
     "INDEX",
     "FaissIVF",
     "build_ivf",
     "calibrate_nprobe",
+    "check_sidecar",
     "default_nlist",
     "default_nprobe",
     "exact_top_k",
@@ -260,10 +268,34 @@ def calibrate_nprobe(
     }
 
 
-class FaissIVF:
-    """A loaded IVF index; ``search`` is thread-safe (faiss reads, each call its own params)."""
+def check_sidecar(meta: Mapping[str, Any], directory: Path, sidecar: Path) -> None:
+    """The faiss backend's sidecar keys (the index file itself is checked when it is opened)."""
+    for key in ("max_timestamp", "index_bytes", "own_ids", "user_factors", "nlist"):
+        if key not in meta:
+            raise ArtifactError(f"{sidecar}: missing {key!r}; rebuild")
+    if not isinstance(meta["nlist"], int) or meta["nlist"] <= 0:
+        raise ArtifactError(f"{sidecar}: nlist must be a positive integer")
 
-    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+
+class FaissIVF:
+    """A loaded IVF index over ``items`` (the build's item vectors, memory-mapped).
+
+    ``nprobe``: the configured lists per query, else the build's calibrated value (measured for
+    ``calibration_k`` results, scaled up for more), else a size-derived default. ``rerank``: with
+    sq8 storage, this many candidates are re-scored exactly from ``items``. ``search`` is
+    thread-safe (faiss reads, each call its own params).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        meta: Mapping[str, Any],
+        items: npt.NDArray[Any],
+        *,
+        nprobe: int | None = None,
+        rerank: int = 0,
+        calibration_k: int = 1000,
+    ) -> None:
         self.faiss = require_faiss()
         self.path = path
         try:
@@ -290,12 +322,51 @@ class FaissIVF:
             )
         if ivf.nlist != meta["nlist"]:
             raise ArtifactError(f"{path}: nlist {ivf.nlist}, the sidecar says {meta['nlist']}")
-        self.index = index
-        self.ivf = ivf
+        self.index: Any = index
+        self.ivf: Any = ivf
         self.nlist = int(ivf.nlist)
         self.l2 = index.metric_type == self.faiss.METRIC_L2
+        self.n_items = int(meta["n_items"])
+        self.metric: str = meta["metric"]
+        self.items = items
+        self.configured_nprobe = nprobe
+        self.calibrated: Any = meta.get("nprobe")  # absent from builds before calibration
+        self.calibration_k = calibration_k
+        self.rerank = rerank if meta.get("storage") == "sq8" else 0
+        self._self_check()
 
-    def search(
+    def _self_check(self) -> None:
+        """Item 0's own list holds it: one probe must find it (or a twin at the same score)."""
+        v = np.asarray(self.items[0], dtype=np.float32)
+        if self.metric == "angular":
+            v = unit_rows(v)
+        rows, raw = self.search_raw(v, min(10, self.n_items), nprobe=1)
+        ok = rows.size > 0 and bool(np.isfinite(raw).all())
+        if ok and self.metric != "dot":
+            own = 0.0 if self.l2 else float(v @ v)
+            tol = SELF_CHECK_TOL * (float(v @ v) + 1e-12)
+            ok = 0 in rows.tolist() or abs(float(raw[0]) - own) <= tol
+        if not ok:
+            raise ArtifactError(
+                f"{self.path}: self-check failed (item 0 not found from its own "
+                "vector); the index does not match item_factors.npy: rebuild"
+            )
+
+    def nprobe(self, k: int, deadline: Deadline | None = None) -> int:
+        """Lists to scan for ``k`` results (configured, or derived from the calibration and
+        ``k``), shrunk in proportion when the deadline is close."""
+        full = self.configured_nprobe or self._calibrated_nprobe(k)
+        return scaled_to_deadline(full, deadline, floor=1)
+
+    def _calibrated_nprobe(self, k: int) -> int:
+        """The build's measured nprobe (for ``calibration_k``; scaled up for a larger ``k``), or
+        the size-derived default for an index built before calibration existed."""
+        measured = self.calibrated
+        if not isinstance(measured, int) or measured < 1:
+            return default_nprobe(self.nlist, self.n_items, k)
+        return min(self.nlist, max(measured, math.ceil(measured * k / self.calibration_k)))
+
+    def search_raw(
         self, v: npt.NDArray[np.float32], n: int, nprobe: int
     ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
         """Top ``n`` rows and raw faiss scores (inner product, or squared L2 distance)."""
@@ -305,3 +376,29 @@ class FaissIVF:
         dist, rows = self.index.search(v.reshape(1, -1), n, params=params)
         found = rows[0] >= 0
         return rows[0][found].astype(np.int64), dist[0][found].astype(np.float32)
+
+    def search(
+        self, query: npt.NDArray[np.float32], k: int, deadline: Deadline | None = None
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """Rows and scores on the source's scale (cosine, dot, -distance); sq8 re-ranked
+        exactly."""
+        v = query
+        m = min(self.n_items, max(k, self.rerank)) if self.rerank else k
+        rows, raw = self.search_raw(v, m, self.nprobe(k, deadline))
+        if not self.rerank:
+            return rows, (-np.sqrt(np.maximum(raw, 0.0)) if self.l2 else raw)
+        rows = np.sort(rows)  # ascending offsets: the gather from the mmap reads forwards
+        y = np.asarray(self.items[rows], dtype=np.float32)
+        if self.metric == "angular":
+            y = unit_rows(y)
+        if self.metric == "euclidean":
+            exact = -np.linalg.norm(y - v, axis=1).astype(np.float32)
+        else:
+            exact = (y @ v).astype(np.float32)
+        top = np.argsort(-exact, kind="stable")[:k]
+        return rows[top], exact[top]
+
+    def close(self) -> None:
+        """Drop the index (its memory map goes with the last reference)."""
+        self.index = None
+        self.ivf = None

@@ -4,23 +4,35 @@ A source is a small object with a name and ``retrieve(request, k, deadline) -> (
 Sources that learn from data also implement ``build`` (offline) and ``load`` (online). Everything
 the blender knows about a source is here; a user's own source is any subclass referenced from
 YAML by import path (``mypkg.mod:MySource``).
+
+``Source`` is generic over its params model: ``class Mine(Source[MineParams])`` types
+``self.params`` as ``MineParams``. ``Params`` stays the class attribute config validation reads
+(derived from the type argument when a subclass does not set it); a plain ``class Mine(Source)``
+with a ``Params`` attribute works as before.
+
+Built-in kinds register their class with ``@register`` in their own module, which
+``resolve_kind`` imports on first use: importing this module never loads annoy, faiss, implicit
+or pyarrow.
 """
 
 from __future__ import annotations
 
 import importlib
 import re
+import typing
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict
 
+from retrieval.errors import InputError
 from retrieval.types import Deadline, ItemId, Request, UserId
 
 if TYPE_CHECKING:
@@ -37,6 +49,7 @@ __all__ = [
     "SourceParams",
     "StoreView",
     "UnknownKindError",
+    "known_kinds",
     "register",
     "resolve_kind",
 ]
@@ -48,7 +61,7 @@ Ranked = tuple[npt.NDArray[Any], npt.NDArray[np.float32]]
 class SourceParams(BaseModel):
     """Base for a source kind's ``params``: unknown keys are errors, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     serving_params: ClassVar[frozenset[str]] = frozenset()
     """Fields that only shape retrieval (e.g. how much history to read): changing them does not
@@ -91,22 +104,52 @@ class SourceContext:
     config_dir: Path = field(default_factory=Path.cwd)
 
 
-class Source(ABC):
+P = TypeVar("P", bound=SourceParams)
+
+
+class Source(ABC, Generic[P]):
     """One candidate source.
 
-    Subclasses set ``kind`` (the YAML name, for built-ins), ``Params`` (a ``SourceParams`` model
-    validated from YAML) and ``needs``. ``retrieve`` must return at most ``k`` unique ids sorted
-    by descending score, must not mutate the request, and should use ``deadline`` to do less work
-    when little time is left. An unknown user or item is not an error: return fewer candidates.
+    Subclasses set ``kind`` (the YAML name, for built-ins: set by ``@register``), ``Params`` (a
+    ``SourceParams`` model validated from YAML) and ``needs``. ``retrieve`` must return at most
+    ``k`` unique ids sorted by descending score, must not mutate the request, and should use
+    ``deadline`` to do less work when little time is left. An unknown user or item is not an
+    error: return fewer candidates.
+
+    ``Source[MyParams]`` types ``self.params``; ``Params`` then defaults to ``MyParams``, and a
+    ``Params`` set explicitly must be that class or a subclass of it. The constructor refuses
+    params of another class than ``Params``, unless the class (like sources written before the
+    typed contract) never declared its params: those get whatever they are given, as before.
     """
 
     kind: ClassVar[str] = ""
     Params: ClassVar[type[SourceParams]] = NoParams
     needs: ClassVar[frozenset[Need]] = frozenset()
+    _declares_params: ClassVar[bool] = False
 
-    def __init__(self, name: str, params: SourceParams, context: SourceContext) -> None:
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        declared = _declared_params(cls)
+        if declared is not None:
+            if "Params" not in cls.__dict__:
+                cls.Params = declared
+            elif not (isinstance(cls.Params, type) and issubclass(cls.Params, declared)):
+                raise TypeError(
+                    f"{cls.__qualname__}: Params is {_name(cls.Params)} but the class is "
+                    f"declared over {_name(declared)}; they must agree"
+                )
+        if "Params" in cls.__dict__:
+            cls._declares_params = True
+
+    def __init__(self, name: str, params: P, context: SourceContext) -> None:
+        expected = type(self).Params
+        if type(self)._declares_params and not isinstance(params, expected):
+            raise TypeError(
+                f"source {name!r} ({type(self).__qualname__}) needs params of type "
+                f"{_name(expected)}, got {_name(type(params))}"
+            )
         self.name = name
-        self.params = params
+        self.params: P = params
         self.context = context
 
     @abstractmethod
@@ -144,15 +187,15 @@ class Source(ABC):
     def learns(cls) -> bool:
         return cls.build.__func__ is not Source.build.__func__  # type: ignore[attr-defined]
 
-    def close(self) -> None:  # noqa: B027 - optional hook, most sources hold nothing
+    def close(self) -> None:  # optional hook: most sources hold nothing
         """Release files and handles; the retriever calls it once."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"
 
 
-class UnknownKindError(LookupError):
-    pass
+class UnknownKindError(InputError, LookupError):
+    """A YAML ``kind`` that names no source: not built in, not registered, not importable."""
 
 
 class SkipSource(Exception):
@@ -163,23 +206,52 @@ class SkipSource(Exception):
     """
 
 
-# Built-in kinds are imported lazily so that importing the contract stays cheap.
-BUILTIN_KINDS: dict[str, str] = {
-    "covisitation": "sources.covisitation:CovisitationSource",
-    "itemcf": "sources.itemcf:ItemCFSource",
-    "ann": "sources.ann:AnnSource",
-    "popularity": "sources.popularity:PopularitySource",
-    "recent": "sources.recent:RecentSource",
-}
+def _name(cls: Any) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else repr(cls)
 
-_registry: dict[str, type[Source]] = {}
+
+def _declared_params(cls: type) -> type[SourceParams] | None:
+    """The concrete params class in ``cls``'s own ``Source[...]`` base, if it names one."""
+    for base in cls.__dict__.get("__orig_bases__", ()):
+        origin = typing.get_origin(base)
+        if not (isinstance(origin, type) and issubclass(origin, Source)):
+            continue
+        for arg in typing.get_args(base):
+            if isinstance(arg, type) and issubclass(arg, SourceParams):
+                return arg
+    return None
+
+
+# Built-in kinds and the module whose ``@register`` defines each. Imported on first use, so that
+# importing the contract stays cheap (no annoy, faiss, implicit or pyarrow).
+BUILTIN_KINDS: Mapping[str, str] = MappingProxyType(
+    {
+        "covisitation": "sources.covisitation",
+        "itemcf": "sources.itemcf",
+        "ann": "sources.ann",
+        "popularity": "sources.popularity",
+        "recent": "sources.recent",
+    }
+)
+
+_registry: dict[str, type[Source[Any]]] = {}
 _IMPORT_PATH = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
+_S = TypeVar("_S", bound="type[Source[Any]]")
 
-def register(kind: str) -> Callable[[type[Source]], type[Source]]:
-    """Class decorator: make ``kind`` usable in YAML without an import path."""
 
-    def deco(cls: type[Source]) -> type[Source]:
+def register(kind: str) -> Callable[[_S], _S]:
+    """Class decorator: make ``kind`` usable in YAML without an import path.
+
+    The built-in names belong to their modules: another class cannot take one over.
+    """
+
+    def deco(cls: _S) -> _S:
+        home = BUILTIN_KINDS.get(kind)
+        if home is not None and cls.__module__ != home:
+            raise ValueError(
+                f"cannot register {_name(cls)} as {kind!r}: that is the built-in kind of {home}"
+            )
         cls.kind = kind
         _registry[kind] = cls
         return cls
@@ -188,31 +260,40 @@ def register(kind: str) -> Callable[[type[Source]], type[Source]]:
 
 
 def known_kinds() -> Sequence[str]:
+    """Every name ``resolve_kind`` accepts without an import path (built-ins not imported)."""
     return sorted(set(BUILTIN_KINDS) | set(_registry))
 
 
-def resolve_kind(kind: str) -> type[Source]:
-    """The class for a YAML ``kind``: a registered name or ``package.module:ClassName``."""
+def resolve_kind(kind: str) -> type[Source[Any]]:
+    """The class for a YAML ``kind``: a built-in or registered name, or ``package.module:Class``."""
+    builtin = BUILTIN_KINDS.get(kind)
+    if builtin is not None:
+        if kind not in _registry:
+            _import(builtin, kind)
+        cls = _registry.get(kind)
+        if cls is None:  # pragma: no cover - a built-in module without its @register
+            raise UnknownKindError(f"module {builtin!r} did not register the kind {kind!r}")
+        return cls
     if kind in _registry:
         return _registry[kind]
-    target = BUILTIN_KINDS.get(kind)
-    if target is None:
-        if not _IMPORT_PATH.match(kind):
-            raise UnknownKindError(
-                f"unknown source kind {kind!r}; allowed: {', '.join(known_kinds())}, "
-                "or an import path such as 'mypkg.module:MySource'"
-            )
-        target = kind
-    module_name, _, attr = target.partition(":")
+    if not _IMPORT_PATH.match(kind):
+        raise UnknownKindError(
+            f"unknown source kind {kind!r}; allowed: {', '.join(known_kinds())}, "
+            "or an import path such as 'mypkg.module:MySource'"
+        )
+    module_name, _, attr = kind.partition(":")
+    cls = getattr(_import(module_name, kind), attr, None)
+    if not (isinstance(cls, type) and issubclass(cls, Source)):
+        raise UnknownKindError(
+            f"{kind!r} is not a candidate source: expected a subclass of sources.base.Source"
+        )
+    return cls
+
+
+def _import(module_name: str, kind: str) -> Any:
     try:
-        module = importlib.import_module(module_name)
+        return importlib.import_module(module_name)
     except ImportError as exc:
         raise UnknownKindError(
             f"cannot import module {module_name!r} for kind {kind!r}: {exc}"
         ) from exc
-    cls = getattr(module, attr, None)
-    if not (isinstance(cls, type) and issubclass(cls, Source)):
-        raise UnknownKindError(
-            f"{target!r} is not a candidate source: expected a subclass of sources.base.Source"
-        )
-    return cls

@@ -22,7 +22,7 @@ from pydantic import Field
 
 from retrieval.artifacts import CSR, save_csr
 from retrieval.events import DEFAULT_EVENT_WEIGHTS, EventLog, event_weight_vector
-from sources.base import Need, SourceParams
+from sources.base import Need, SourceParams, register
 from sources.neighbours import NeighbourSource, top_k_per_row
 
 __all__ = ["CovisitationParams", "CovisitationSource", "count_pairs"]
@@ -258,8 +258,8 @@ def build_covisitation(
     return csr, stats
 
 
-class CovisitationSource(NeighbourSource):
-    kind = "covisitation"
+@register("covisitation")
+class CovisitationSource(NeighbourSource[CovisitationParams]):
     Params = CovisitationParams
     needs = frozenset({Need.HISTORY})
 

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from retrieval.types import Request, as_id_array
+from retrieval.ids import lookup_ids
+from retrieval.types import Request
 
 __all__ = ["weighted_history"]
 
@@ -37,7 +38,7 @@ def weighted_history(
     if not ids:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
     all_w = np.concatenate([np.ones(len(request.seed_items)), weights])
-    arr = as_id_array(ids)
+    arr = lookup_ids(ids, "request.history")
     uniq, inverse = np.unique(arr, return_inverse=True)
     summed = np.bincount(inverse.ravel(), weights=all_w, minlength=len(uniq))
     return uniq, summed.astype(np.float32)

@@ -26,7 +26,7 @@ from pydantic import Field
 
 from retrieval.artifacts import CSR, save_csr
 from retrieval.events import DEFAULT_EVENT_WEIGHTS, EventLog, event_weight_vector
-from sources.base import Need, SourceParams
+from sources.base import Need, SourceParams, register
 from sources.neighbours import NeighbourSource, top_k_per_row
 
 __all__ = [
@@ -158,8 +158,8 @@ def blockwise_similarity(
     return CSR(indptr, np.concatenate(index_parts), np.concatenate(score_parts))
 
 
-class ItemCFSource(NeighbourSource):
-    kind = "itemcf"
+@register("itemcf")
+class ItemCFSource(NeighbourSource[ItemCFParams]):
     Params = ItemCFParams
     needs = frozenset({Need.HISTORY})
 

@@ -17,14 +17,16 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 
-from retrieval.artifacts import CSR, ArtifactError, IdMap, load_csr
+from retrieval.artifacts import CSR, ArtifactError, IdMap, load_csr, source_root
+from retrieval.errors import StoreError
+from retrieval.ids import lookup_ids
 from retrieval.rows import Row
-from retrieval.types import Deadline, Request, as_id_array
+from retrieval.types import Deadline, Request
 from sources.base import Ranked, Source, SourceContext, SourceParams
 from sources.history import weighted_history
 
@@ -305,24 +307,36 @@ def _descending_key(
 
 @runtime_checkable
 class RowReader(Protocol):
-    """A store that serves rows pushed by ``retrieval push`` (the Redis store)."""
+    """A store that serves rows pushed by ``retrieval push`` (the Redis store).
+
+    ``neighbour_rows`` returns one row (or None) per item and raises ``StoreError`` when it
+    cannot read them: Redis failed, or nothing (or no longer anything) was pushed.
+    """
 
     def neighbour_rows(
         self, source: str, items: Sequence[str], *, timeout_ms: float | None = None
-    ) -> list[Row | None] | None: ...
+    ) -> list[Row | None]: ...
 
 
-class NeighbourSource(Source):
+NP = TypeVar("NP", bound=SourceParams)
+
+
+class NeighbourSource(Source[NP]):
     """Serves a CSR neighbour list built offline: the shared retrieval side of covisit/itemcf.
 
     With ``backend: redis`` the rows come from the store instead (pushed there by ``retrieval
     push``), for hosts with no local artifacts: one round trip per request for the history
     items' rows, and a second one for the second hop when the first is short of ``k``, both
-    bounded by the time left; a failed first read returns nothing (the store reports itself
-    degraded), never raises. Answers equal the local ones.
+    bounded by the time left. A failed first read (Redis down or slow, nothing pushed, or a
+    foreign push) raises, so the blend reports this source as an error and its breaker counts
+    it; the store reports itself degraded. A failed second read only skips the second hop.
+    Answers equal the local ones.
+
+    Generic over the kind's params (``CovisitationParams``, ``ItemCFParams``): the serving
+    fields both share are read by name, with the defaults below for a kind that lacks one.
     """
 
-    def __init__(self, name: str, params: SourceParams, context: SourceContext) -> None:
+    def __init__(self, name: str, params: NP, context: SourceContext) -> None:
         super().__init__(name, params, context)
         self._history: int = int(getattr(params, "history", 20))
         self._decay: float = float(getattr(params, "recency_decay", 0.9))
@@ -339,7 +353,8 @@ class NeighbourSource(Source):
             return
         if context.artifacts is None:
             raise ArtifactError(f"source {name!r} needs built artifacts; run `retrieval build`")
-        root = Path(context.artifacts)
+        # Resolved once and checked (stamp, checksums, id maps) before anything is mapped.
+        root = source_root(Path(context.artifacts), name)
         self.csr = load_csr(root / name)
         self.items = IdMap.load(root / "ids" / "items.npy")
         if self.csr.n_rows != len(self.items):
@@ -353,7 +368,9 @@ class NeighbourSource(Source):
         if ids.size == 0:
             return _empty()
         # Seed items ("more like this") are what the caller is showing: never candidates.
-        seeds = as_id_array(list(request.seed_items)) if request.seed_items else None
+        seeds = None
+        if request.seed_items:
+            seeds = lookup_ids(request.seed_items, "request.seed_items")
         if self._rows is not None:
             return self._retrieve_remote(self._rows, ids, weights, k, deadline, seeds)
         cand, scores = aggregate(
@@ -384,8 +401,8 @@ class NeighbourSource(Source):
         ids, weights = _hurried(ids, weights, deadline)
         keys = [str(x) for x in ids.tolist()]
         rows = reader.neighbour_rows(self.name, keys, timeout_ms=deadline.remaining_ms())
-        first = _gathered(rows, len(keys))
-        if first is None:
+        first = _gathered(rows, len(keys), self.name)
+        if first is None:  # none of the history items has a row: nothing to offer, not a fault
             return _empty()
         kind = first[0].dtype.kind
 
@@ -393,18 +410,21 @@ class NeighbourSource(Source):
         # came in between and the second hop is skipped rather than mixing two builds (all
         # unchanged, the answer is the new build's own). Missing rows are not re-read: a
         # garbled one would be counted as a store failure twice.
-        used = [(key, r) for key, r in zip(keys, rows or (), strict=False) if r is not None]
+        used = [(key, r) for key, r in zip(keys, rows, strict=False) if r is not None]
 
         def fetch(more: npt.NDArray[Any]) -> Gathered | None:
             extra = [str(x) for x in more.tolist()]
-            again = reader.neighbour_rows(
-                self.name, [key for key, _ in used] + extra, timeout_ms=deadline.remaining_ms()
-            )
-            if again is None or len(again) != len(used) + len(extra):
+            try:  # the first hop stands: a failed second read only skips the second hop
+                again = reader.neighbour_rows(
+                    self.name, [key for key, _ in used] + extra, timeout_ms=deadline.remaining_ms()
+                )
+                if len(again) != len(used) + len(extra):
+                    return None
+                if not all(_same_row(r, b) for (_, r), b in zip(used, again, strict=False)):
+                    return None
+                got = _gathered(again[len(used) :], len(extra), self.name)
+            except StoreError:
                 return None
-            if not all(_same_row(r, b) for (_, r), b in zip(used, again, strict=False)):
-                return None
-            got = _gathered(again[len(used) :], len(extra))
             return got if got is not None and got[0].dtype.kind == kind else None
 
         cand, scores = neighbourhood(
@@ -423,14 +443,16 @@ class NeighbourSource(Source):
         return cand, scores
 
 
-def _gathered(rows: Sequence[Row | None] | None, expected: int) -> Gathered | None:
-    """Pushed rows as one ``Gathered``; None when the read failed, found nothing, or mixes int
-    and str ids (a foreign push, not ours)."""
-    if not rows or len(rows) != expected:
-        return None
+def _gathered(rows: Sequence[Row | None], expected: int, source: str) -> Gathered | None:
+    """Pushed rows as one ``Gathered``; None when no item has a row. StoreError when the reader
+    returned another count of rows, or rows mixing int and str ids (a foreign push, not ours)."""
+    if len(rows) != expected:
+        raise StoreError(f"{source}: {len(rows)} pushed rows read for {expected} items")
     full = [r for r in rows if r is not None and r[0].size]
-    if len({r[0].dtype.kind for r in full}) != 1:
+    if not full:
         return None
+    if len({r[0].dtype.kind for r in full}) != 1:
+        raise StoreError(f"{source}: pushed rows mix int and str ids: a foreign push?")
     return (
         np.concatenate([r[0] for r in full]),
         np.concatenate([r[1] for r in full]).astype(np.float64),

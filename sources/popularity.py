@@ -22,10 +22,10 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
-from retrieval.artifacts import CSR, ArtifactError, IdMap, load_csr, save_csr
+from retrieval.artifacts import CSR, ArtifactError, IdMap, load_csr, save_csr, source_root
 from retrieval.events import DEFAULT_EVENT_WEIGHTS, event_weight_vector
 from retrieval.types import Deadline, Request, as_id_array
-from sources.base import Ranked, Source, SourceContext, SourceParams
+from sources.base import Ranked, Source, SourceContext, SourceParams, register
 
 if TYPE_CHECKING:
     from retrieval.events import EventLog
@@ -121,7 +121,8 @@ def _scores(p: PopularityParams, sums: list[npt.NDArray[np.float64]]) -> npt.NDA
     return np.where(sums[0] > 0, (sums[0] + m) / (expected + m), 0.0)
 
 
-class PopularitySource(Source):
+@register("popularity")
+class PopularitySource(Source[PopularityParams]):
     """Serves one precomputed list per request: the first segment in ``params.segments`` whose
     value is in ``request.context`` and was seen at build time, else the global list.
 
@@ -131,17 +132,15 @@ class PopularitySource(Source):
     ratios, not counts: lower ``live_weight`` accordingly.
     """
 
-    kind = "popularity"
     Params = PopularityParams
 
-    def __init__(self, name: str, params: SourceParams, context: SourceContext) -> None:
+    def __init__(self, name: str, params: PopularityParams, context: SourceContext) -> None:
         super().__init__(name, params, context)
-        if not isinstance(params, PopularityParams):
-            raise TypeError(f"{name}: expected PopularityParams, got {type(params).__name__}")
-        self.p = params
         if context.artifacts is None:
             raise ArtifactError(f"source {name!r} (popularity) needs built artifacts; run a build")
-        self.dir = Path(context.artifacts) / name
+        # Resolved once and checked (stamp, checksums, id maps) before anything is read.
+        root = source_root(Path(context.artifacts), name)
+        self.dir = root / name
         meta_path = self.dir / "popularity.json"
         try:
             meta = json.loads(meta_path.read_text())
@@ -150,20 +149,28 @@ class PopularitySource(Source):
             raise ArtifactError(
                 f"{meta_path.parent}: unreadable popularity artifacts: {exc}"
             ) from exc
-        if meta.get("format_version") != FORMAT_VERSION:
+        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
             raise ArtifactError(
-                f"{meta_path}: format_version {meta.get('format_version')!r}, "
+                f"{meta_path}: format_version "
+                f"{meta.get('format_version') if isinstance(meta, dict) else None!r}, "
                 f"this code reads {FORMAT_VERSION}; rebuild the artifacts"
             )
         self.csr = load_csr(self.dir, mmap=True)
-        self.item_ids = IdMap.load(Path(context.artifacts) / "ids" / "items.npy", mmap=True)
-        self.segment_rows: dict[str, dict[str, int]] = {
-            seg: {str(v): int(r) for v, r in values.items()} for seg, values in segments.items()
-        }
+        self.item_ids = IdMap.load(root / "ids" / "items.npy", mmap=True)
+        try:
+            self.segment_rows: dict[str, dict[str, int]] = {
+                str(seg): {str(v): int(r) for v, r in values.items()}
+                for seg, values in segments.items()
+            }
+        except (AttributeError, TypeError, ValueError):
+            raise ArtifactError(
+                f"{self.dir / 'segments.json'}: expected {{segment: {{value: row}}}}, found "
+                f"{type(segments).__name__}; rebuild the artifacts"
+            ) from None
         self.meta = meta
 
     def _pick_row(self, context: Mapping[str, str]) -> tuple[int, str | None]:
-        for seg in self.p.segments:
+        for seg in self.params.segments:
             value = context.get(seg)
             if value is None:
                 continue
@@ -178,9 +185,9 @@ class PopularitySource(Source):
         return np.asarray(self.csr.indices[a:b]), np.asarray(self.csr.scores[a:b])
 
     def live_popular(self, request: Request, k: int) -> tuple[Sequence[str | None], int]:
-        if self.p.live_weight == 0 or self.p.live_top == 0:
+        if self.params.live_weight == 0 or self.params.live_top == 0:
             return (), 0
-        return (self._pick_row(request.context)[1],), min(k, self.p.live_top)
+        return (self._pick_row(request.context)[1],), min(k, self.params.live_top)
 
     def _live(
         self, request: Request, key: str | None, k: int
@@ -188,16 +195,16 @@ class PopularitySource(Source):
         """The prefetched live list for ``key``: empty when the store was not (or could not be)
         read, so a store outage serves the build."""
         empty = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float64))
-        if request.live_popular is None or self.p.live_weight == 0:
+        if request.live_popular is None or self.params.live_weight == 0:
             return empty
         ids, scores = request.live_popular.get(key) or ((), ())
-        n = min(k, self.p.live_top, len(ids), len(scores))
+        n = min(k, self.params.live_top, len(ids), len(scores))
         if n == 0:
             return empty
         try:
             return as_id_array(list(ids[:n])), np.asarray(
                 scores[:n], dtype=np.float64
-            ) * self.p.live_weight
+            ) * self.params.live_weight
         except (TypeError, ValueError):
             logger.debug("%s: unusable live list for %r; serving build counts", self.name, key)
             return empty

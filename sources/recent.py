@@ -15,13 +15,12 @@ import dataclasses
 import numpy as np
 from pydantic import Field
 
-from retrieval.types import Deadline, Request, as_id_array
-from sources.base import Need, Ranked, SkipSource, Source, SourceContext, SourceParams
+from retrieval.ids import lookup_ids
+from retrieval.types import DEFAULT_EVENT_WEIGHTS, Deadline, Request
+from sources.base import Need, Ranked, SkipSource, Source, SourceParams, register
 from sources.history import weighted_history
 
 __all__ = ["RecentParams", "RecentSource"]
-
-from retrieval.events import DEFAULT_EVENT_WEIGHTS
 
 
 class RecentParams(SourceParams):
@@ -30,7 +29,8 @@ class RecentParams(SourceParams):
     event_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
 
 
-class RecentSource(Source):
+@register("recent")
+class RecentSource(Source[RecentParams]):
     """Scores each item in the last ``history`` events by the sum of its decayed event weights.
 
     An item seen three times outranks one seen once at the same recency; ties go to the item seen
@@ -38,15 +38,8 @@ class RecentSource(Source):
     returned.
     """
 
-    kind = "recent"
     Params = RecentParams
     needs = frozenset({Need.HISTORY})
-
-    def __init__(self, name: str, params: SourceParams, context: SourceContext) -> None:
-        super().__init__(name, params, context)
-        if not isinstance(params, RecentParams):
-            raise TypeError(f"{name}: expected RecentParams, got {type(params).__name__}")
-        self.p = params
 
     def retrieve(self, request: Request, k: int, deadline: Deadline) -> Ranked:
         if not request.history:
@@ -55,16 +48,18 @@ class RecentSource(Source):
             dataclasses.replace(request, seed_items=()) if request.seed_items else request
         )
         ids, weights = weighted_history(
-            hist_request, self.p.history, self.p.recency_decay, self.p.event_weights
+            hist_request, self.params.history, self.params.recency_decay, self.params.event_weights
         )
         # Tie-break on the last position each item was seen at: later is better.
-        window = as_id_array(list(request.history[-self.p.history :]))
+        window = lookup_ids(request.history[-self.params.history :], "request.history")
         rev_uniq, rev_first = np.unique(window[::-1], return_index=True)
         last_seen = len(window) - 1 - rev_first  # aligned with rev_uniq == ids (both sorted)
         if rev_uniq.shape != ids.shape:  # pragma: no cover - both are the sorted unique window
             last_seen = np.zeros(ids.shape[0], dtype=np.int64)
         order = np.lexsort((-last_seen, -weights))
         if request.seed_items:
-            order = order[~np.isin(ids[order], as_id_array(list(request.seed_items)))]
+            order = order[
+                ~np.isin(ids[order], lookup_ids(request.seed_items, "request.seed_items"))
+            ]
         order = order[:k]
         return ids[order], weights[order].astype(np.float32, copy=False)

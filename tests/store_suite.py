@@ -11,13 +11,32 @@ import math
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pytest
 
+from retrieval.errors import IdError, InputError
 from retrieval.store import Event, Store
+from retrieval.types import DEFAULT_EVENT_WEIGHTS
 
 HOUR = 3_600.0
+
+
+@dataclass
+class RawEvent:
+    """An event ``Event``'s own checks never saw (a caller's own type, or a forged Event):
+    what ``record()`` must validate by itself."""
+
+    user_id: Any
+    item_id: Any
+    timestamp: Any
+    event_type: Any = "click"
+    context: Any = None
+
+
+BAD_IDS = [None, True, np.bool_(False), 1.5, float("nan"), 2**63, "", b"bytes"]
 
 
 class StoreSuite:
@@ -73,7 +92,7 @@ class StoreSuite:
 
     def test_int_and_str_ids_keep_their_type(self, store: Store) -> None:
         now = time.time()
-        ids: list[int | str] = [1, "1", "sku-\u00fc \u2603", 2**40, "", "a,b]"]
+        ids: list[int | str] = [1, "1", "sku-\u00fc \u2603", 2**40, " ", "a,b]", -(2**63)]
         store.record([Event("u", item, now + i) for i, item in enumerate(ids)])
         items, _, _ = store.history("u")
         assert items == ids
@@ -111,7 +130,138 @@ class StoreSuite:
         store.record([])
         assert store.popular(None, 10) == ([], [])
 
+    # -- hostile input: validated before anything is written -------------------------------
+
+    def test_numpy_ids_and_timestamps_become_plain_values(self, store: Store) -> None:
+        now = time.time()
+        store.record([Event(np.int64(5), np.int64(7), np.float64(now), "cart")])
+        store.record([RawEvent(np.int32(5), np.uint16(8), np.int64(int(now)))])
+        items, stamps, types = store.history(5)
+        assert items == [7, 8] and [type(x) for x in items] == [int, int]
+        assert stamps == [now, float(int(now))] and types == ["cart", "click"]
+        ids, _ = store.popular(None, 10)
+        assert sorted(ids) == [7, 8] and {type(x) for x in ids} == {int}
+        assert store.status() == "ok"
+
+    @pytest.mark.parametrize("bad", BAD_IDS, ids=repr)
+    def test_bad_ids_are_refused_and_nothing_of_the_batch_is_written(
+        self, store: Store, bad: Any
+    ) -> None:
+        now = time.time()
+        with pytest.raises(IdError, match=r"Event\.item_id"):
+            Event("u", bad, now)
+        with pytest.raises(IdError, match=r"Event\.user_id"):
+            Event(bad, "a", now)
+        good = Event("u", "a", now)
+        with pytest.raises(IdError, match=r"events\[1\]\.item_id"):
+            store.record([good, RawEvent("u", bad, now), good])
+        with pytest.raises(IdError, match=r"events\[2\]\.user_id"):
+            store.record([good, good, RawEvent(bad, "b", now)])
+        assert store.history("u") == ([], [], [])
+        assert store.popular(None, 10) == ([], [])
+
+    @pytest.mark.parametrize(
+        ("stamp", "message"),
+        [
+            (1e3, r"seconds since the epoch, got 1000\.0; accepted"),
+            (
+                1_764_000_000_000.0,
+                r"seconds since the epoch, got 1764000000000\.0 \(milliseconds\?\)",
+            ),
+            (1_764_000_000_000_000, r"\(microseconds\?\)"),
+            (float("inf"), "finite"),
+            (float("nan"), "finite"),
+            (10**400, "finite"),
+            ("1764000000", r"a number\), got '1764000000'"),
+            (None, "a number"),
+            (True, "a number"),
+        ],
+    )
+    def test_timestamps_must_be_seconds(self, new_store: Any, stamp: Any, message: str) -> None:
+        """A millisecond timestamp weighed 2**(age_ms / half_life): one item scored 1.8e308
+        and zeroed every other counter (memory), or raised OverflowError (Redis)."""
+        store = new_store(half_life_s=HOUR)
+        now = time.time()
+        store.record([Event("u", "before", now)])
+        with pytest.raises(InputError, match=message):
+            Event("u", "x", stamp)
+        with pytest.raises(InputError, match=r"events\[1\]\.timestamp: .*" + message):
+            store.record([Event("u", "kept-out", now), RawEvent("u", "ms", stamp)])
+        store.record([Event("u", "after", now)])
+        assert store.history("u")[0] == ["before", "after"]
+        ids, scores = store.popular(None, 10)
+        assert sorted(ids) == ["after", "before"]
+        assert scores == pytest.approx([1.0, 1.0], rel=1e-3)
+        assert store.status() == "ok"
+
+    def test_timestamps_from_the_future_or_before_2000_are_refused(self, store: Store) -> None:
+        now = time.time()
+        Event("u", "a", now + 3_600)  # clock skew is fine
+        for stamp in (now + 2 * 86_400, 946_684_799.0, 0, -1.0):
+            with pytest.raises(InputError, match="seconds since the epoch"):
+                store.record([RawEvent("u", "a", stamp)])
+        assert store.popular(None, 10) == ([], [])
+
+    @pytest.mark.parametrize(
+        ("field", "value", "message"),
+        [
+            ("event_type", "", "non-empty string"),
+            ("event_type", None, "non-empty string"),
+            ("event_type", 3, "non-empty string"),
+            ("context", ["country", "de"], "mapping"),
+            ("context", {"country": None}, r"context\['country'\]"),
+            ("context", {"country": 1.5}, r"context\['country'\]"),
+            ("context", {"": "x"}, "keys must be non-empty strings"),
+            ("context", {3: "x"}, "keys must be non-empty strings"),
+        ],
+    )
+    def test_bad_event_fields_are_refused(
+        self, store: Store, field: str, value: Any, message: str
+    ) -> None:
+        raw = RawEvent("u", "a", time.time())
+        setattr(raw, field, value)
+        with pytest.raises(InputError, match=rf"events\[0\]\.{field}"):
+            store.record([raw])
+        with pytest.raises(InputError, match=message):
+            store.record([raw])
+        with pytest.raises(InputError, match=r"events\[0\]: expected an Event"):
+            store.record([("u", "a", time.time())])  # type: ignore[list-item]
+        assert store.history("u") == ([], [], []) and store.popular(None, 5) == ([], [])
+
+    def test_int_context_values_are_spelled_as_text(self, store: Store) -> None:
+        store.record([Event("u", "a", time.time(), context={"shop": 7})])  # type: ignore[dict-item]
+        assert store.popular("shop=7", 5)[0] == ["a"]
+
+    def test_a_refused_event_leaves_the_store_healthy(self, store: Store) -> None:
+        """One None item used to reach the counters; every later read of the popular list was
+        then degraded (Redis), for every user's blend."""
+        now = time.time()
+        with pytest.raises(IdError):
+            store.record([Event("u", "a", now), RawEvent("u", None, now)])
+        store.record([Event("v", "b", now)])
+        r = store.fetch("v", [None], popular_limit=10, timeout_ms=500)
+        assert r.ok and r.items == ["b"] and r.popular[None][0] == ["b"]
+        assert store.status() == "ok"
+
     # -- popularity -----------------------------------------------------------------------
+
+    def test_default_event_weights_are_the_project_table(self, new_store: Any) -> None:
+        store = new_store()
+        assert store.event_weights == DEFAULT_EVENT_WEIGHTS
+        now = time.time()
+        store.record([Event("u", t, now, t) for t in ("click", "cart", "order", "other")])
+        got = dict(zip(*store.popular(None, 10), strict=True))
+        want = {t: DEFAULT_EVENT_WEIGHTS.get(t, 1.0) for t in ("click", "cart", "order", "other")}
+        assert got == pytest.approx(want, rel=1e-4)
+
+    def test_an_empty_weight_table_weighs_every_type_1(self, new_store: Any) -> None:
+        """``event_weights or defaults`` turned an explicit {} into the defaults."""
+        store = new_store(event_weights={})
+        now = time.time()
+        store.record([Event("u", "a", now, "order"), Event("u", "b", now, "click")])
+        assert dict(zip(*store.popular(None, 10), strict=True)) == pytest.approx(
+            {"a": 1.0, "b": 1.0}, rel=1e-4
+        )
 
     def test_popular_ranks_by_decayed_weight(self, new_store: Any) -> None:
         store = new_store(half_life_s=HOUR)

@@ -15,6 +15,8 @@ from retrieval.artifacts import ArtifactError
 from retrieval.events import EventLog
 from retrieval.types import Deadline, Request
 from sources.ann import EXACT_MAX_ITEMS, AnnParams, resolve_backend
+from sources.ann_exact import ExactSearch
+from sources.ann_faiss import FaissIVF
 from sources.base import SkipSource
 from sources.history import weighted_history
 from tests.contract import SourceContract
@@ -61,7 +63,7 @@ class TestExactContract(SourceContract):
         events = write_events(tmp_path / "e.csv", rows)
         root, p = build(tmp_path, events, factors=4, iterations=3)  # the defaults: auto -> exact
         source = open_source(root, p)
-        assert source.exact is not None
+        assert isinstance(source.index, ExactSearch)
         return source
 
     def known_request(self):
@@ -171,12 +173,12 @@ def test_auto_is_exact_up_to_the_threshold_then_faiss(tmp_path, als_log, monkeyp
     monkeypatch.setattr(ann_module, "EXACT_MAX_ITEMS", n)
     root, p = build(tmp_path / "small", als_log, factors=8, iterations=5)
     small = open_source(root, p)
-    assert small.backend == "exact" and small.exact is not None and small.ivf is None
+    assert small.backend == "exact" and isinstance(small.index, ExactSearch)
     assert not (root / "ann" / "index.faiss").exists()
     monkeypatch.setattr(ann_module, "EXACT_MAX_ITEMS", n - 1)
     root, p = build(tmp_path / "large", als_log, factors=8, iterations=5, nlist=16)
     large = open_source(root, p)
-    assert large.backend == "faiss" and large.ivf is not None and large.exact is None
+    assert large.backend == "faiss" and isinstance(large.index, FaissIVF)
     # a backend configured explicitly must match the build
     with pytest.raises(ArtifactError, match="backend"):
         open_source(root, p.model_copy(update={"backend": "exact"}))
@@ -191,7 +193,8 @@ def test_faiss_calibration_uses_serving_metric_and_queries(tmp_path, als_log, mo
     root, p = build(tmp_path, als_log, factors=8, iterations=10, backend="faiss", nlist=16)
     meta = json.loads((root / "ann" / "ann.json").read_text())
     source = open_source(root, p)
-    assert meta["metric"] == "dot" and not source.ivf.l2
+    assert isinstance(source.index, FaissIVF)
+    assert meta["metric"] == "dot" and not source.index.l2
     items = np.load(root / "ann" / "item_factors.npy")
     gram = np.load(root / "ann" / "gram.npy")
     queries = ann_module._calibration_queries(als_log, items, None, None, gram, p)
@@ -211,7 +214,7 @@ def test_faiss_calibration_uses_serving_metric_and_queries(tmp_path, als_log, mo
     # the recorded recall is inner-product recall at the chosen nprobe
     truth = np.argsort(-(items @ queries.T), axis=0)[:20].T
     hits = [
-        np.intersect1d(source.ivf.search(q, 20, meta["nprobe"])[0], t).size
+        np.intersect1d(source.index.search_raw(q, 20, meta["nprobe"])[0], t).size
         for q, t in zip(queries, truth, strict=True)
     ]
     assert abs(np.mean(hits) / 20 - meta["nprobe_recall"]) < 1e-3
@@ -269,7 +272,7 @@ def test_damaged_or_missing_item_factors_name_the_file(emb, tmp_path):
     with pytest.raises(ArtifactError, match="own_ids"):
         open_source(root, p)
     side.write_text(json.dumps(meta))
-    assert open_source(root, p).exact is not None
+    assert isinstance(open_source(root, p).index, ExactSearch)
 
 
 @pytest.mark.parametrize("decay", [1.0, 0.9])

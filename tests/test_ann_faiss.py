@@ -105,8 +105,8 @@ def test_tight_deadline_lowers_nprobe(emb, log):
     d, _, _ = emb
     root, p = build(d, log, **faiss_params(d))
     source = open_source(root, p)
-    assert source.nprobe(10, Deadline.in_ms(1000)) == 8
-    assert source.nprobe(10, Deadline.in_ms(0.5)) < 8
+    assert source.index.nprobe(10, Deadline.in_ms(1000)) == 8
+    assert source.index.nprobe(10, Deadline.in_ms(0.5)) < 8
     got, _ = source.retrieve(Request(vector=np.ones(DIMS)), 10, Deadline.in_ms(0.01))
     assert 0 < got.size <= 10
 
@@ -168,14 +168,14 @@ def test_nprobe_is_calibrated_at_build_to_the_target_recall(tmp_path, log):
         if nprobe > 1:  # the one before it in the doubling fell short
             assert tried[str(nprobe // 2)] < target
         source = open_source(root, built)
-        assert source.nprobe(1000, Deadline.in_ms(1000)) == nprobe
-        assert source.nprobe(2000, Deadline.in_ms(1000)) == min(meta["nlist"], 2 * nprobe)
+        assert source.index.nprobe(1000, Deadline.in_ms(1000)) == nprobe
+        assert source.index.nprobe(2000, Deadline.in_ms(1000)) == min(meta["nlist"], 2 * nprobe)
         # The recorded recall is what the index gives for those queries: recompute it here.
         q = _calibration_queries(log, x, source.item_ids, None, None, built)
         q /= np.linalg.norm(q, axis=1, keepdims=True)
         truth = np.argsort(-(x / np.linalg.norm(x, axis=1, keepdims=True)) @ q.T, axis=0)[:1000]
         hits = [
-            np.intersect1d(source.ivf.search(v, 1000, nprobe)[0], truth[:, j]).size
+            np.intersect1d(source.index.search_raw(v, 1000, nprobe)[0], truth[:, j]).size
             for j, v in enumerate(q)
         ]
         assert abs(np.mean(hits) / 1000 - meta["nprobe_recall"]) < 1e-3

@@ -102,9 +102,10 @@ def test_idmap_int_round_trip_and_unknown() -> None:
     assert np.array_equal(m.to_external(codes), ids)
     assert m.to_dense([7, 8, 50]).tolist() == [0, -1, 1]
     assert m.to_dense(np.array([], dtype=np.int64)).shape == (0,)
-    # coercion: numeric strings are parsed, others are unknown; missing value configurable
-    assert m.to_dense(["50", " 7", "x", "7.5", ""]).tolist() == [1, 0, -1, -1, -1]
-    assert m.to_dense([50.0, 7.5], missing=-9).tolist() == [1, -9]
+    # the one id rule: canonical int text is parsed; " 7", "+7", "07" are strings and floats
+    # and bools are no ids, so all of those are unknown; missing value configurable
+    assert m.to_dense(["50", " 7", "x", "7.5", "", "+7", "07"]).tolist() == [1] + [-1] * 6
+    assert m.to_dense([50.0, 7.5, True], missing=-9).tolist() == [-9, -9, -9]
     assert m.to_dense(np.int64(50)).tolist() == [1]
 
 
@@ -116,7 +117,7 @@ def test_idmap_str_round_trip_and_unknown() -> None:
     assert codes.tolist() == [1, 0, 2, 0, 3]
     # a query longer than any stored id must not be truncated into a false match
     assert m.to_dense(["a", "cccc", "zz", "é"]).tolist() == [0, -1, -1, 3]
-    m2, _ = IdMap.from_values(np.array(["10", "20"]))
+    m2, _ = IdMap.from_values(np.array(["10", "20", "x"]))
     assert m2.to_dense([20, 30]).tolist() == [1, -1]  # ints against a str map are str()-ed
     assert m2.to_dense(np.array([b"10"])).tolist() == [0]
 
@@ -183,6 +184,15 @@ def build(out: Path, marker: str, fail: bool = False) -> None:
         w.manifest = m
 
 
+def builds_kept(out: Path) -> list[str]:
+    """The builds beside ``out`` (``out`` links to one of them), after checking that nothing
+    else was left next to it."""
+    assert sorted(p.name for p in out.parent.iterdir()) == [f".{out.name}.builds", out.name]
+    return sorted(
+        p.name for p in (out.parent / f".{out.name}.builds").iterdir() if p.name[0] != "."
+    )
+
+
 def test_writer_builds_replaces_and_survives_crash(tmp_path: Path) -> None:
     out = tmp_path / "artifacts"
     build(out, "first")
@@ -190,24 +200,30 @@ def test_writer_builds_replaces_and_survives_crash(tmp_path: Path) -> None:
     assert manifest.format_version == FORMAT_VERSION
     assert manifest.sources["covis"].params == {"window": 5, "path": "/x"}
     assert load_csr(out / "covisitation").nnz == 5
+    first = builds_kept(out)
+    assert out.is_symlink() and first == [manifest.build_id]
 
     with pytest.raises(RuntimeError, match="boom"):
         build(out, "second", fail=True)
     assert (out / "marker.txt").read_text() == "first"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifacts"]  # no tmp left behind
+    assert builds_kept(out) == first  # no unfinished build left behind
 
     build(out, "third")
     assert (out / "marker.txt").read_text() == "third"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifacts"]  # no backup left
+    third = open_artifacts(out).build_id
+    assert builds_kept(out) == sorted([*first, third])  # the previous build is kept, once
+    build(out, "fourth")
+    assert builds_kept(out) == sorted([third, open_artifacts(out).build_id])
 
 
 def test_writer_without_manifest_keeps_previous(tmp_path: Path) -> None:
     out = tmp_path / "artifacts"
     build(out, "first")
+    first = builds_kept(out)
     with pytest.raises(ArtifactError, match="without a manifest"), ArtifactWriter(out) as w:
         (w.tmp / "marker.txt").write_text("second")
     assert (out / "marker.txt").read_text() == "first"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["artifacts"]
+    assert builds_kept(out) == first
 
 
 def test_writer_refuses_to_replace_a_foreign_directory(tmp_path: Path) -> None:
@@ -231,7 +247,9 @@ def test_open_artifacts_refuses_incomplete_and_other_versions(tmp_path: Path) ->
     raw = json.loads((out / "manifest.json").read_text())
     raw["format_version"] = 99
     (out / "manifest.json").write_text(json.dumps(raw))
-    with pytest.raises(ArtifactError, match=r"format_version 99.*reads format_version 1.*rebuild"):
+    with pytest.raises(
+        ArtifactError, match=rf"format_version 99.*reads format_version {FORMAT_VERSION}.*rebuild"
+    ):
         open_artifacts(out)
     (out / "manifest.json").write_text("{not json")
     with pytest.raises(ArtifactError, match="not valid JSON"):

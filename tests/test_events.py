@@ -203,7 +203,7 @@ def test_bad_weights(tmp_path: Path, bad: str) -> None:
     )
     with pytest.raises(EventsError, match="negative, NaN") as exc:
         read_events(path)
-    assert_names(exc, path, "'weight'", "row 2", "'user_id': 7")
+    assert_names(exc, path, "'weight'", "row 2", "'user_id': '7'")  # CSV ids are read as text
 
 
 def test_non_numeric_weight(tmp_path: Path) -> None:
@@ -229,10 +229,13 @@ def test_unreadable_parquet(tmp_path: Path) -> None:
     assert_names(exc, tmp_path / "ev.parquet")
 
 
-def test_float_ids_must_be_integral(tmp_path: Path) -> None:
-    path = write_csv(tmp_path / "ev.csv", "user_id,item_id,timestamp", ["1,2.0,5", "1,3.5,6"])
-    with pytest.raises(EventsError, match="non-integer") as exc:
+def test_float_ids_are_refused(tmp_path: Path) -> None:
+    # The one id rule refuses float ids, integral or not (1e20 and 1e20+1 are one float).
+    path = write_csv(tmp_path / "ev.csv", "user_id,item_id,timestamp", ["1,2,5", "1,3.5,6"])
+    with pytest.raises(EventsError, match="float ids") as exc:
         read_events(path)
-    assert_names(exc, path, "'item_id'", "row 2")
-    ok = write_csv(tmp_path / "ok.csv", "user_id,item_id,timestamp", ["1,2.0,5", "1,3.0,6"])
-    assert read_events(ok).item_ids.values.tolist() == [2, 3]
+    assert_names(exc, path, "'item_id'", "row 2", "int64")
+    integral = write_csv(tmp_path / "ok.csv", "user_id,item_id,timestamp", ["1,2.0,5", "1,3.0,6"])
+    with pytest.raises(EventsError, match="float ids") as exc:
+        read_events(integral)
+    assert_names(exc, integral, "'item_id'", "row 1")

@@ -388,3 +388,42 @@ def test_a_shadowing_sources_package_is_named_not_mysterious(tmp_path):
     last = out.stderr.strip().splitlines()[-1]
     assert "ImportError" in last and str(tmp_path / "sources") in last
     assert "candidate-retrieval" in last
+
+
+def test_live_popularity_uses_the_configured_event_weights():
+    from retrieval.config import RetrievalConfig
+    from retrieval.retriever import Retriever
+
+    cfg = RetrievalConfig.load(
+        {
+            "events": {"weights": {"click": 1.0, "order": 50.0}},
+            "sources": [{"name": "a", "kind": "tests.toy_sources:ListSource"}],
+        }
+    )
+    with Retriever(cfg) as r:
+        now = time.time()
+        r.record(1, item_id=10, timestamp=now, event_type="click")
+        r.record(2, item_id=10, timestamp=now, event_type="click")
+        r.record(3, item_id=20, timestamp=now, event_type="order")
+        ids, scores = r.store.popular(None, 2)
+    assert list(ids) == [20, 10]
+    assert scores[0] == pytest.approx(50.0, rel=1e-3) and scores[1] == pytest.approx(2.0, rel=1e-3)
+
+
+def test_store_history_is_trimmed_to_the_request_limit():
+    from retrieval.config import RetrievalConfig
+    from retrieval.retriever import Retriever
+
+    cfg = RetrievalConfig.load(
+        {
+            "limits": {"max_history": 5},
+            "sources": [{"name": "a", "kind": "tests.toy_sources:ListSource"}],
+        }
+    )
+    with Retriever(cfg) as r:
+        now = time.time()
+        for i in range(20):
+            r.record(7, item_id=100 + i, timestamp=now + i)
+        req = r.request(user_id=7)
+        assert req.history == (115, 116, 117, 118, 119)
+        assert r.blend(user_id=7).report("a").status is SourceStatus.OK

@@ -153,3 +153,11 @@ def test_missing_artifacts_are_artifact_errors(tmp_path):
         PopularitySource("pop", p, SourceContext(artifacts=None))
     with pytest.raises(ArtifactError):
         PopularitySource("pop", p, SourceContext(artifacts=tmp_path))
+
+
+def test_a_segments_file_of_the_wrong_shape_is_an_artifact_error(shop, tmp_path):
+    """A list where a mapping belongs used to escape as an AttributeError traceback."""
+    root, p = build(tmp_path, shop, segments=["country"])
+    (root / "pop" / "segments.json").write_text('["country"]')
+    with pytest.raises(ArtifactError, match=r"segments\.json.*expected"):
+        open_source(root, p)

@@ -309,7 +309,8 @@ def test_push_then_serve_from_redis_equals_local(
     assert main(["push", str(remote_cfg), "--artifacts", str(builds["a"])]) == 0
     client = redis.Redis.from_url(shared_url)
     assert client.get(f"{prefix}:nb:current:covisit") is not None
-    assert client.get(f"{prefix}:nb:current:popular") is not None  # popular lists pushed too
+    assert client.get(f"{prefix}:nb:current:popular") is None  # nothing reads popularity there
+    assert not list(client.scan_iter(match=f"{prefix}:nb:*:popular:*"))
     hist = some_history(builds)
     with Retriever.from_yaml(local_cfg) as lr, Retriever.from_yaml(remote_cfg) as rr:
         for h in (hist, hist[:1], [hist[2], 10**12]):
@@ -487,5 +488,6 @@ def test_redis_backend_sources_fail_open_when_redis_is_down(
             res = _within_deadline(r, history=hist)
             _degraded_but_served(res)
             assert res.report("covisit").returned == 0
+            assert res.report("covisit").status is SourceStatus.ERROR  # not "ok, 0 returned"
     finally:
         server.stop()

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import redis
 
+from retrieval.errors import StoreError
 from retrieval.redis_store import ERA_HALF_LIVES, RedisStore, StoreUnavailable, redact
 from retrieval.store import Event
 from tests.store_suite import StoreSuite
@@ -190,18 +191,21 @@ class TestRedisStore(StoreSuite):
         assert store.status() == "ok"
         raw.close()
 
-    def test_write_into_a_foreign_key_does_not_raise(self, store: RedisStore) -> None:
+    def test_write_into_a_foreign_key_raises(self, store: RedisStore) -> None:
         raw = redis.Redis.from_url(self.url)
         raw.set(f"{store.prefix}:h:taken", "x")
-        store.record([Event("taken", "a", time.time())])  # counters still count
+        with pytest.raises(StoreError, match="foreign data") as info:
+            store.record([Event("taken", "a", time.time())])
+        assert "WRONGTYPE" in str(info.value) and store.rejected == 1
         assert store.status() == "degraded"
-        assert store.popular(None, 5)[0] == ["a"]
+        assert store.popular(None, 5)[0] == ["a"]  # the batch's other commands did apply
         raw.close()
 
     def test_new_era_folds_the_previous_one_in(
         self, store: RedisStore, monkeypatch: pytest.MonkeyPatch
     ) -> None:
         import retrieval.redis_store as mod
+        import retrieval.store as events_mod
 
         real = time.time()
         offset = [0.0]
@@ -215,6 +219,7 @@ class TestRedisStore(StoreSuite):
                 return real + offset[0]
 
         monkeypatch.setattr(mod, "time", Clock)
+        monkeypatch.setattr(events_mod, "time", Clock)  # events are checked against this "now"
         store.record([Event("u", "a", real, "order")])
         era_s = store.half_life_s * ERA_HALF_LIVES
         offset[0] = era_s  # one era later: the old set holds the weights
