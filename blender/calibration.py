@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from retrieval.errors import InputError
+
 __all__ = ["CALIBRATION_FILE", "Calibration", "RankCurve", "fit_curve", "isotonic_decreasing"]
 
 CALIBRATION_FILE = "calibration.json"
@@ -101,21 +103,21 @@ class Calibration:
         try:
             data = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ValueError(
+            raise InputError(
                 f"{path}: no calibration; run `retrieval calibrate CONFIG --events LOG` first"
             ) from None
         except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(
+            raise InputError(
                 f"{path}: unreadable calibration ({exc}); run `retrieval calibrate`"
             ) from None
         if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
+            raise InputError(
                 f"{path}: calibration format {data.get('format_version')!r}; rerun tune"
             )
         curves = {n: RankCurve(tuple(c["edges"]), tuple(c["p"])) for n, c in data["curves"].items()}
         missing = [n for n in required if n not in curves]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"{path}: no curve for sources {missing}; "
                 "rerun `retrieval calibrate` for this config"
             )

@@ -28,7 +28,7 @@ from blender.breaker import CircuitBreaker
 from blender.filters import Exclusions
 from blender.lanes import Lane
 from blender.merge import SourceList, Strategy, merge, unify_id_dtypes
-from retrieval.errors import RequestTooLarge, SourceError
+from retrieval.errors import InputError, RequestTooLarge, SourceError
 from retrieval.ids import id_array, id_parts
 from retrieval.types import CandidateSet, Deadline, Request, SourceReport, SourceStatus
 from sources.base import Ranked, SkipSource, Source
@@ -194,7 +194,7 @@ class Blender:
         """``workers``: calls in flight per source (its lane's threads; default 32, above the
         callers' usual concurrency, so only a source that hoards calls is shed)."""
         if not 0 <= merge_reserve_ms < deadline_ms:
-            raise ValueError(
+            raise InputError(
                 f"merge_reserve_ms must be >= 0 and below deadline_ms ({deadline_ms}), "
                 f"got {merge_reserve_ms}: no time would be left for the sources"
             )
@@ -212,7 +212,7 @@ class Blender:
         if strategy == "calibrated":
             missing = [n for n in self.names if not curves or n not in curves]
             if missing:
-                raise ValueError(f"calibrated strategy: no rank curve for sources {missing}")
+                raise InputError(f"calibrated strategy: no rank curve for sources {missing}")
         self.curves = curves or {}
         cap = workers or 32
         for slot in self.slots:
@@ -385,7 +385,7 @@ class Blender:
         its recall does not depend on how busy the machine was (ids, scores, ranks, backfilled).
         """
         if len(results) != len(self.slots):
-            raise ValueError(f"{len(results)} results for {len(self.slots)} sources")
+            raise InputError(f"{len(results)} results for {len(self.slots)} sources")
         k = request.k or self.k
         excl = self._exclusions(request)
         k_ask = k + len(excl)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from retrieval.errors import InputError
 from retrieval.ids import id_array, id_keys, id_parts
 from retrieval.types import ItemId
 
@@ -21,7 +22,7 @@ def load_blocklist(path: Path) -> npt.NDArray[Any]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise ValueError(f"blend.blocklist: cannot read {path}: {exc}") from None
+        raise InputError(f"blend.blocklist: cannot read {path}: {exc}") from None
     tokens = [t for t in (line.split("#", 1)[0].strip() for line in lines) if t]
     return _sorted_unique(id_array(tokens, f"blend.blocklist ({path})"))
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from retrieval.errors import StoreError
 from retrieval.types import CandidateSet, Request, SourceReport, SourceStatus
 
 __all__ = ["CacheFormatError", "cache_key", "decode_result", "encode_result"]
@@ -24,7 +25,7 @@ _VERSION = 1
 _HEAD = struct.Struct("<4sBI")
 
 
-class CacheFormatError(ValueError):
+class CacheFormatError(StoreError, ValueError):
     """Bytes that are not a cached result of this format."""
 
 

@@ -445,25 +445,10 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-# Errors raised on purpose by modules not yet moved into retrieval.errors, by qualified class
-# name (so the CLI imports none of them): drop each line when its class joins the tree.
-_LEGACY_EXIT_CODES: dict[str, int] = {
-    "retrieval.events.EventsError": 2,
-    "retrieval.evaluate.EvalError": 2,
-    "retrieval.artifacts.ArtifactError": 3,
-    "retrieval.store.StoreUnavailable": 4,
-    "blender.fanout.RequiredSourceError": 1,
-}
-
-
 def _expected_exit_code(exc: BaseException) -> int | None:
     """The exit code of an error raised on purpose; None for a bug."""
     if isinstance(exc, RetrievalError):
         return exit_code(exc)
-    for cls in type(exc).__mro__:
-        code = _LEGACY_EXIT_CODES.get(f"{cls.__module__}.{cls.__qualname__}")
-        if code is not None:
-            return code
     if isinstance(exc, FileNotFoundError):  # a path given on the command line
         return 2
     return None

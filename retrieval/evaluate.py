@@ -32,6 +32,7 @@ from blender.merge import SourceList, merge, unify_id_dtypes
 from retrieval.artifacts import IdMap
 from retrieval.build import build
 from retrieval.config import RetrievalConfig
+from retrieval.errors import InputError
 from retrieval.events import EventLog, read_events
 from retrieval.ids import id_keys
 from retrieval.retriever import Retriever, make_blender
@@ -55,8 +56,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
-class EvalError(ValueError):
-    pass
+class EvalError(InputError):
+    """An evaluation that cannot be run as asked (no test users, a bad split)."""
 
 
 @dataclass(frozen=True)

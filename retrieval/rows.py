@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from retrieval.errors import StoreError
+
 __all__ = ["ROW_FORMAT_VERSION", "Row", "RowFormatError", "pack_row", "unpack_row"]
 
 ROW_FORMAT_VERSION = 1
@@ -30,7 +32,7 @@ _INT, _STR = 1, 2
 Row = tuple[npt.NDArray[Any], npt.NDArray[np.float32]]
 
 
-class RowFormatError(ValueError):
+class RowFormatError(StoreError, ValueError):
     """A value that is not a row of this format version (foreign, truncated or corrupted)."""
 
 

@@ -25,6 +25,8 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from retrieval.errors import InputError
+
 __all__ = ["EVENT_TYPES", "SynthStats", "synthesize"]
 
 T0 = 1_704_067_200.0  # 2024-01-01T00:00:00Z: the log starts here
@@ -116,7 +118,7 @@ def synthesize(
     began = time.perf_counter()
     out = Path(out)
     if min(n_items, n_users, n_events, chunk_events) < 1:
-        raise ValueError("n_items, n_users, n_events and chunk_events must all be >= 1")
+        raise InputError("n_items, n_users, n_events and chunk_events must all be >= 1")
     _check_format(out, fmt)
     out.parent.mkdir(parents=True, exist_ok=True)
     stem = _stem(out)
@@ -171,9 +173,9 @@ def _check_format(out: Path, fmt: str) -> None:
     elif fmt == "csv":
         ok = name.endswith((".csv", ".csv.gz"))
     else:
-        raise ValueError(f"fmt must be 'parquet' or 'csv', got {fmt!r}")
+        raise InputError(f"fmt must be 'parquet' or 'csv', got {fmt!r}")
     if not ok:
-        raise ValueError(f"{out}: the extension does not match fmt={fmt!r}; readers go by it")
+        raise InputError(f"{out}: the extension does not match fmt={fmt!r}; readers go by it")
 
 
 def _stem(out: Path) -> str:

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
+from retrieval.errors import InputError
 from retrieval.ids import id_array
 
 ItemId = int | str
@@ -71,17 +72,17 @@ class Request:
     def __post_init__(self) -> None:
         n = len(self.history)
         if self.history_timestamps is not None and len(self.history_timestamps) != n:
-            raise ValueError(
+            raise InputError(
                 f"history_timestamps has {len(self.history_timestamps)} entries, history has {n}"
             )
         if self.history_event_types is not None and len(self.history_event_types) != n:
-            raise ValueError(
+            raise InputError(
                 f"history_event_types has {len(self.history_event_types)} entries, history has {n}"
             )
         if self.k is not None and self.k < 1:
-            raise ValueError(f"k must be >= 1, got {self.k}")
+            raise InputError(f"k must be >= 1, got {self.k}")
         if self.deadline_ms is not None and not self.deadline_ms > 0:
-            raise ValueError(f"deadline_ms must be > 0, got {self.deadline_ms}")
+            raise InputError(f"deadline_ms must be > 0, got {self.deadline_ms}")
 
 
 class Deadline:

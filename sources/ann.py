@@ -36,6 +36,7 @@ from pydantic import Field
 from threadpoolctl import threadpool_limits
 
 from retrieval.artifacts import ArtifactError, IdMap, require_finite, source_root
+from retrieval.errors import InputError
 from retrieval.events import DEFAULT_EVENT_WEIGHTS, event_weight_vector
 from retrieval.types import Deadline, Request, as_id_array
 from sources import ann_annoy, ann_exact, ann_faiss
@@ -184,21 +185,21 @@ def _load_embeddings(
     try:
         raw = np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path}: cannot read embeddings ({exc})") from exc
+        raise InputError(f"{path}: cannot read embeddings ({exc})") from exc
     if raw.ndim != 2 or raw.shape[0] == 0 or raw.shape[1] == 0:
-        raise ValueError(f"{path}: embeddings must be a non-empty 2-D matrix, found {raw.shape}")
+        raise InputError(f"{path}: embeddings must be a non-empty 2-D matrix, found {raw.shape}")
     if raw.dtype.kind not in "fiu":
-        raise ValueError(f"{path}: embeddings must be numeric, found dtype {raw.dtype}")
+        raise InputError(f"{path}: embeddings must be numeric, found dtype {raw.dtype}")
     n = raw.shape[0]
     for start in range(0, n, _FINITE_CHUNK):  # chunks, so a 10M-row mmap never loads at once
         bad = ~np.isfinite(raw[start : start + _FINITE_CHUNK]).all(axis=1)
         if bad.any():
             row = start + int(np.argmax(bad))
-            raise ValueError(f"{path}: row {row} has NaN or inf values (first bad row)")
+            raise InputError(f"{path}: row {row} has NaN or inf values (first bad row)")
     x = np.ascontiguousarray(raw, dtype=np.float32)
     if p.embedding_ids is None:
         if n != len(events.item_ids):
-            raise ValueError(
+            raise InputError(
                 f"{path}: {n} rows but the event log has {len(events.item_ids)} items; "
                 "pass embedding_ids to name each row's item"
             )
@@ -207,14 +208,14 @@ def _load_embeddings(
     try:
         ids = np.load(ids_path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{ids_path}: cannot read embedding ids ({exc})") from exc
+        raise InputError(f"{ids_path}: cannot read embedding ids ({exc})") from exc
     if ids.ndim != 1 or ids.shape[0] != n:
-        raise ValueError(
+        raise InputError(
             f"{ids_path}: {ids.shape} ids for {n} embedding rows in {path}; expected one id per row"
         )
     id_map, codes = IdMap.from_values(as_id_array(ids))
     if len(id_map) != n:
-        raise ValueError(f"{ids_path}: {n - len(id_map)} duplicate ids")
+        raise InputError(f"{ids_path}: {n - len(id_map)} duplicate ids")
     ordered = np.empty_like(x)
     ordered[codes] = x  # row order = the id map's dense order, so lookups are searchsorted
     return ordered, id_map
@@ -533,7 +534,7 @@ class AnnSource(Source[AnnParams]):
             items, own_ids = _load_embeddings(p, events)
             origin = "embeddings"
         elif p.embedding_ids is not None:
-            raise ValueError("embedding_ids given without embeddings")
+            raise InputError("embedding_ids given without embeddings")
         else:
             items, users = _fit_als(events, p)
             origin = "als"

@@ -23,6 +23,7 @@ import numpy.typing as npt
 from pydantic import Field
 
 from retrieval.artifacts import CSR, ArtifactError, IdMap, load_csr, save_csr, source_root
+from retrieval.errors import InputError
 from retrieval.events import DEFAULT_EVENT_WEIGHTS, event_weight_vector
 from retrieval.types import Deadline, Request, as_id_array
 from sources.base import Ranked, Source, SourceContext, SourceParams, register
@@ -256,7 +257,7 @@ class PopularitySource(Source[PopularityParams]):
         out_dir.mkdir(parents=True, exist_ok=True)
         missing = [s for s in p.segments if s not in events.segments]
         if missing:
-            raise ValueError(
+            raise InputError(
                 f"popularity segments {missing} are not columns of the event log; "
                 f"available: {sorted(events.segments) or 'none'}"
             )

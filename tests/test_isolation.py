@@ -427,3 +427,51 @@ def test_store_history_is_trimmed_to_the_request_limit():
         req = r.request(user_id=7)
         assert req.history == (115, 116, 117, 118, 119)
         assert r.blend(user_id=7).report("a").status is SourceStatus.OK
+
+
+def test_closing_under_load_never_crashes_a_real_annoy_query(tmp_path):
+    """close() used to unload annoy while a query still ran in it: SIGSEGV (exit 139).
+
+    A real annoy index big enough that one query (search_k 2M) takes ~100 ms of native code;
+    the retriever is closed 30 ms into it. Run in a subprocess: a crash is an exit code."""
+    from retrieval.cli import main
+
+    n, d = 100_000, 32
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "emb.npy", rng.standard_normal((n, d)).astype(np.float32))
+    np.save(tmp_path / "emb_ids.npy", np.arange(n, dtype=np.int64))
+    (tmp_path / "log.csv").write_text(
+        "user_id,item_id,timestamp\n" + "".join(f"{u},{u * 7},{1.7e9 + u}\n" for u in range(50))
+    )
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "k: 100\ndeadline_ms: 5000\nartifacts: build\nsources:\n"
+        "  - {name: ann, kind: ann, params: {backend: annoy, "
+        f"embeddings: {tmp_path / 'emb.npy'}, embedding_ids: {tmp_path / 'emb_ids.npy'}, "
+        "metric: angular, n_trees: 10, search_k: 2000000}}\n"
+    )
+    assert main(["build", str(cfg), "--events", str(tmp_path / "log.csv")]) == 0
+    script = tmp_path / "close_under_load.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import threading, time
+            import numpy as np
+            from retrieval import Retriever
+            r = Retriever.from_yaml({str(cfg)!r})
+            vec = np.ones({d}, dtype=np.float32)
+            done = []
+            t = threading.Thread(target=lambda: done.append(r.blend(vector=vec)))
+            t.start()
+            time.sleep(0.03)
+            r.close(timeout_s=10.0)  # the query is still in annoy's native code
+            t.join()
+            print(done[0].report("ann").status.value)
+            """
+        )
+    )
+    out = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
+    assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
+    assert out.stdout.split()[-1] == "ok"
