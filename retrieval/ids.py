@@ -241,9 +241,9 @@ def id_parts(
     ``[42, "sku-1"]`` is fine there (each id is still checked: no floats, bools, None).
     """
     if mixed:
-        arr = _as_1d(values, what)
-        if arr.dtype.kind == "O" and arr.size:
-            items = arr.tolist()
+        values = _as_1d(values, what)  # once: _classify takes the array as it is
+        if values.dtype.kind == "O" and values.size:
+            items = values.tolist()
             if _as_array(items).dtype.kind == "O":  # really both kinds (or junk): one by one
                 checked = [check_id(x, f"{what}[{i}]") for i, x in enumerate(items)]
                 texts = [v for v in checked if isinstance(v, str)]

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 import textwrap
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -475,3 +477,23 @@ def test_closing_under_load_never_crashes_a_real_annoy_query(tmp_path):
     )
     assert out.returncode == 0, (out.returncode, out.stderr[-2000:])
     assert out.stdout.split()[-1] == "ok"
+
+
+def test_the_blend_command_exits_with_a_hung_source(tmp_path):
+    """`retrieval blend` printed its answer, then hung in concurrent.futures' exit hook."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "deadline_ms: 30\nsources:\n"
+        "  - {name: good, kind: 'tests.toy_sources:ListSource', params: {items: [1, 2]}}\n"
+        "  - {name: hang, kind: 'tests.test_isolation:Hang2'}\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "retrieval.cli", "blend", str(cfg), "--user", "1", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    reports = {r["name"]: r["status"] for r in json.loads(out.stdout)["reports"]}
+    assert reports == {"good": "ok", "hang": "timeout"}
