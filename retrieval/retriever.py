@@ -142,18 +142,21 @@ class Retriever:
         deadline_ms: float | None = None,
         vector: npt.ArrayLike | None = None,
     ) -> Request:
-        if request is not None:
-            return request
-        return Request(
-            user_id=user_id,
-            history=tuple(history or ()),
-            seed_items=tuple(seed_items),
-            context=dict(context or {}),
-            exclude=frozenset(exclude),
-            k=k,
-            deadline_ms=deadline_ms,
-            vector=None if vector is None else np.asarray(vector, dtype=np.float32),
-        )
+        """The caller's request, refused before any store read when it is over the limits (a
+        100k-id exclude list would otherwise ask the store for 100k popular items first)."""
+        if request is None:
+            request = Request(
+                user_id=user_id,
+                history=tuple(history or ()),
+                seed_items=tuple(seed_items),
+                context=dict(context or {}),
+                exclude=frozenset(exclude),
+                k=k,
+                deadline_ms=deadline_ms,
+                vector=None if vector is None else np.asarray(vector, dtype=np.float32),
+            )
+        self._blender.limits.check(request)
+        return request
 
     def _prepare(self, request: Request, started: float) -> tuple[Request, bool]:
         """All the store reads this blend needs, in ONE ``fetch`` bounded by the time left

@@ -497,3 +497,20 @@ def test_the_blend_command_exits_with_a_hung_source(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     reports = {r["name"]: r["status"] for r in json.loads(out.stdout)["reports"]}
     assert reports == {"good": "ok", "hang": "timeout"}
+
+
+def test_the_retriever_refuses_an_oversized_request_before_reading_the_store():
+    from retrieval.config import RetrievalConfig
+    from retrieval.retriever import Retriever
+
+    cfg = RetrievalConfig.load({"sources": [{"name": "a", "kind": "tests.toy_sources:ListSource"}]})
+    with Retriever(cfg) as r:
+        reads: list[Any] = []
+        fetch = r.store.fetch
+        r.store.fetch = lambda *a, **kw: reads.append(a) or fetch(*a, **kw)  # type: ignore[method-assign]
+        t0 = time.monotonic()
+        with pytest.raises(RequestTooLarge, match="max_exclude = 10000"):
+            r.blend(user_id=1, exclude=range(100_000))
+        assert time.monotonic() - t0 < 1.0
+        assert reads == []
+        assert r.blend(user_id=1).report("a").status is SourceStatus.OK
