@@ -12,9 +12,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from retrieval.bench import exact_reference, sample_requests
 from retrieval.config import load_config
-from retrieval.retriever import Retriever
+from retrieval.online.retriever import Retriever
+from retrieval.tools.bench import exact_reference, sample_requests
 from sources.ann import AnnSource
 from sources.ann_faiss import FaissIVF
 

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from retrieval.config import RetrievalConfig
-from retrieval.retriever import Retriever
+from retrieval.online.retriever import Retriever
 from retrieval.types import Deadline, Request
 from sources.base import Need, Ranked, Source, SourceContext, SourceParams
 

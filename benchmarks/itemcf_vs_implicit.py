@@ -19,7 +19,7 @@ import numpy as np
 
 
 def one(log: Path, cap: int | None, path: str) -> None:
-    from retrieval.events import read_events
+    from retrieval.offline.events import read_events
     from sources.itemcf import ItemCFParams, blockwise_similarity, user_item_matrix, weighted_matrix
 
     events = read_events(log)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from retrieval.report import Curve, Latency, ReportData, Trial, write_report
+from retrieval.evaluation.report import Curve, Latency, ReportData, Trial, write_report
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

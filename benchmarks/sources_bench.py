@@ -40,8 +40,8 @@ sources:
 
 
 def build_one(config: Path, events: Path, out: Path, name: str) -> None:
-    from retrieval.build import build
     from retrieval.config import load_config
+    from retrieval.offline.build import build
 
     build(load_config(config), events, out, only=[name], progress=False)
 
@@ -59,7 +59,7 @@ def main() -> None:
         build_one(*(Path(a) for a in args._build[:3]), args._build[3])
         return
 
-    from retrieval.synth import synthesize
+    from retrieval.tools.synth import synthesize
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="sources-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,7 @@ def main() -> None:
 
         shutil.rmtree(root)
     full = subprocess.run(
-        [sys.executable, "-m", "retrieval.cli", "build", str(cfg), "--events", str(log)],
+        [sys.executable, "-m", "retrieval.tools.cli", "build", str(cfg), "--events", str(log)],
         capture_output=True,
         text=True,
     )
@@ -103,7 +103,7 @@ def main() -> None:
         sys.exit(full.stderr)
 
     from retrieval import Request, Retriever
-    from retrieval.events import read_events
+    from retrieval.offline.events import read_events
     from retrieval.types import Deadline
 
     events = read_events(log, segments=["country"])

@@ -23,11 +23,11 @@ import pyarrow.parquet as pq
 import redis
 
 from retrieval import Retriever
-from retrieval.build import build
 from retrieval.config import RetrievalConfig
-from retrieval.push import push
+from retrieval.offline.build import build
+from retrieval.offline.push import push
 from retrieval.store import Event
-from retrieval.synth import synthesize
+from retrieval.tools.synth import synthesize
 
 
 def config(artifacts: Path, store: dict[str, Any], backend: str = "local") -> RetrievalConfig:

@@ -20,8 +20,8 @@ from collections.abc import Callable
 import numpy as np
 import redis
 
-from retrieval.redis_store import RedisStore
 from retrieval.store import Event, MemoryStore, Store
+from retrieval.store.redis_store import RedisStore
 
 
 def make_events(n: int, seed: int = 0) -> list[Event]:

@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from retrieval import load_config
-from retrieval.evaluate import EvalReport, evaluate, format_report, load_for_eval
-from retrieval.synth import synthesize
+from retrieval.evaluation.evaluate import EvalReport, evaluate, format_report, load_for_eval
+from retrieval.tools.synth import synthesize
 
 HERE = Path(__file__).resolve().parent
 

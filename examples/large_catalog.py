@@ -135,7 +135,7 @@ def main() -> None:
         say(f"synthesizing {args.events:,} events over {args.items:,} items ...")
         users = args.users or max(args.items // 5, 1000)
         code = (
-            "import sys; from pathlib import Path; from retrieval.synth import synthesize; "
+            "import sys; from pathlib import Path; from retrieval.tools.synth import synthesize; "
             f"synthesize(Path('{work}/events.tmp.parquet'), n_items={args.items}, "
             f"n_users={users}, n_events={args.events}, seed=0, progress=True)"
         )
@@ -160,7 +160,7 @@ def main() -> None:
             say(f"{name}: built already ({summary['build'].get(name)})")
             continue
         say(f"building {name} ...")
-        cmd = [sys.executable, "-m", "retrieval.cli", "build", str(cfg), "--events", str(log)]
+        cmd = [sys.executable, "-m", "retrieval.tools.cli", "build", str(cfg), "--events", str(log)]
         seconds, peak = run([*cmd, "--out", str(part), "--only", name], f"build {name}")
         summary["build"][name] = {"seconds": round(seconds, 1), "peak_rss_mb": round(peak)}
         say(f"{name}: {seconds:.0f}s, peak RSS {peak:.0f} MB")
@@ -171,7 +171,7 @@ def main() -> None:
         out = work / f"bench-{name}.json"
         if not out.exists():
             say(f"bench {name}: {procs} process(es) x {threads} thread(s) ...")
-            cmd = [sys.executable, "-m", "retrieval.cli", "bench", str(cfg)]
+            cmd = [sys.executable, "-m", "retrieval.tools.cli", "bench", str(cfg)]
             cmd += ["--artifacts", str(artifacts), "--events", str(log)]
             cmd += ["--requests", str(args.requests), "--json", str(out)]
             cmd += ["--concurrency", str(threads), "--processes", str(procs)]

@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 from retrieval import CandidateSet, Retriever, load_config
-from retrieval.build import build, format_summary
-from retrieval.events import read_events
-from retrieval.synth import synthesize
+from retrieval.offline.build import build, format_summary
+from retrieval.offline.events import read_events
+from retrieval.tools.synth import synthesize
 
 HERE = Path(__file__).resolve().parent
 

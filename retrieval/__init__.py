@@ -33,7 +33,7 @@ _check_siblings()
 if _typing.TYPE_CHECKING:
     from blender.fanout import RequiredSourceError
     from retrieval.config import ConfigError, RetrievalConfig, load_config
-    from retrieval.retriever import Retriever, blend
+    from retrieval.online.retriever import Retriever, blend
     from retrieval.store import Event, MemoryStore, Store, StoreUnavailable
     from retrieval.types import (
         Candidate,
@@ -58,7 +58,7 @@ _EXPORTS: dict[str, str] = {
     "Request": "retrieval.types",
     "RequiredSourceError": "blender.fanout",
     "RetrievalConfig": "retrieval.config",
-    "Retriever": "retrieval.retriever",
+    "Retriever": "retrieval.online.retriever",
     "SkipSource": "sources.base",
     "Source": "sources.base",
     "SourceContext": "sources.base",
@@ -67,7 +67,7 @@ _EXPORTS: dict[str, str] = {
     "SourceStatus": "retrieval.types",
     "Store": "retrieval.store",
     "StoreUnavailable": "retrieval.store",
-    "blend": "retrieval.retriever",
+    "blend": "retrieval.online.retriever",
     "load_config": "retrieval.config",
     "register": "sources.base",
 }

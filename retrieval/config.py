@@ -34,7 +34,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from retrieval.errors import InputError
-from retrieval.events import ColumnMap
+from retrieval.offline.events import ColumnMap
 from retrieval.redact import redact_text, secrets_of
 from retrieval.types import DEFAULT_EVENT_WEIGHTS
 from sources.base import Source, SourceParams, UnknownKindError, resolve_kind

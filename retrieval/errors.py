@@ -6,7 +6,7 @@ input from a broken build from an unreachable store without parsing messages.
     │   ├── IdError                    an id breaks the one id rule (retrieval.ids)
     │   ├── RequestTooLarge            exclusions, seeds or history beyond the configured caps
     │   ├── ConfigError                a YAML file fails validation (retrieval.config)
-    │   └── EventsError                an event log cannot be read (retrieval.events)
+    │   └── EventsError                an event log cannot be read (retrieval.offline.events)
     ├── ArtifactError                  a build is missing, foreign, stale or corrupt
     ├── StoreError (RuntimeError)      the online store failed or holds foreign data
     └── SourceError                    a source broke its contract (blender boundary)

@@ -20,7 +20,7 @@ UserId = int | str
 
 DEFAULT_EVENT_WEIGHTS: dict[str, float] = {"click": 1.0, "cart": 3.0, "order": 6.0}
 """The one default event-type weight table (unknown types weigh 1): builders, sources and the
-live stores' counters. Here, not in ``retrieval.events``, so serving never imports pyarrow."""
+live stores' counters. Here, not with the event reader, so serving never imports pyarrow."""
 
 __all__ = [
     "DEFAULT_EVENT_WEIGHTS",

@@ -37,7 +37,7 @@ from threadpoolctl import threadpool_limits
 
 from retrieval.artifacts import ArtifactError, IdMap, require_finite, source_root
 from retrieval.errors import InputError
-from retrieval.events import DEFAULT_EVENT_WEIGHTS, event_weight_vector
+from retrieval.offline.events import DEFAULT_EVENT_WEIGHTS, event_weight_vector
 from retrieval.types import Deadline, Request, as_id_array
 from sources import ann_annoy, ann_exact, ann_faiss
 from sources.ann_annoy import AnnoySearch, build_annoy
@@ -48,7 +48,7 @@ from sources.history import weighted_history
 from sources.vector_index import VectorIndex, unit_rows
 
 if TYPE_CHECKING:
-    from retrieval.events import EventLog
+    from retrieval.offline.events import EventLog
 
 __all__ = ["EXACT_MAX_ITEMS", "AnnParams", "AnnSource", "resolve_backend", "resolve_metric"]
 

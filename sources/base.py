@@ -36,7 +36,7 @@ from retrieval.errors import InputError
 from retrieval.types import Deadline, ItemId, Request, UserId
 
 if TYPE_CHECKING:
-    from retrieval.events import EventLog
+    from retrieval.offline.events import EventLog
 
 __all__ = [
     "BUILTIN_KINDS",

@@ -25,7 +25,7 @@ import scipy.sparse as sp
 from pydantic import Field
 
 from retrieval.artifacts import CSR, save_csr
-from retrieval.events import DEFAULT_EVENT_WEIGHTS, EventLog, event_weight_vector
+from retrieval.offline.events import DEFAULT_EVENT_WEIGHTS, EventLog, event_weight_vector
 from sources.base import Need, SourceParams, register
 from sources.neighbours import NeighbourSource, top_k_per_row
 

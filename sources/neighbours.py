@@ -25,7 +25,7 @@ import numpy.typing as npt
 from retrieval.artifacts import CSR, ArtifactError, IdMap, load_csr, source_root
 from retrieval.errors import StoreError
 from retrieval.ids import lookup_ids
-from retrieval.rows import Row
+from retrieval.store.rows import Row
 from retrieval.types import Deadline, Request
 from sources.base import Ranked, Source, SourceContext, SourceParams
 from sources.history import weighted_history

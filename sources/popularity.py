@@ -24,12 +24,12 @@ from pydantic import Field
 
 from retrieval.artifacts import CSR, ArtifactError, IdMap, load_csr, save_csr, source_root
 from retrieval.errors import InputError
-from retrieval.events import DEFAULT_EVENT_WEIGHTS, event_weight_vector
+from retrieval.offline.events import DEFAULT_EVENT_WEIGHTS, event_weight_vector
 from retrieval.types import Deadline, Request, as_id_array
 from sources.base import Ranked, Source, SourceContext, SourceParams, register
 
 if TYPE_CHECKING:
-    from retrieval.events import EventLog
+    from retrieval.offline.events import EventLog
 
 __all__ = ["PopularityParams", "PopularitySource"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from retrieval.events import read_events
+from retrieval.offline.events import read_events
 from sources.base import Source, SourceContext, SourceParams
 
 

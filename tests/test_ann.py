@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 
 from retrieval.artifacts import ArtifactError
-from retrieval.events import EventLog, read_events
+from retrieval.offline.events import EventLog, read_events
+from retrieval.testing.contract import SourceContract
 from retrieval.types import Deadline, Request
 from sources.ann import AnnParams, AnnSource
 from sources.base import SkipSource, SourceContext
-from tests.contract import SourceContract
 
 T0 = 1_700_000_000.0
 N_ITEMS, DIMS = 120, 8

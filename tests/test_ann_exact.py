@@ -12,14 +12,14 @@ import scipy.sparse as sp
 
 import sources.ann as ann_module
 from retrieval.artifacts import ArtifactError
-from retrieval.events import EventLog
+from retrieval.offline.events import EventLog
+from retrieval.testing.contract import SourceContract
 from retrieval.types import Deadline, Request
 from sources.ann import EXACT_MAX_ITEMS, AnnParams, resolve_backend
 from sources.ann_exact import ExactSearch
 from sources.ann_faiss import FaissIVF
 from sources.base import SkipSource
 from sources.history import weighted_history
-from tests.contract import SourceContract
 from tests.test_ann import DIMS, N_ITEMS, T0, build, open_source, write_events
 
 pytest.importorskip("faiss")

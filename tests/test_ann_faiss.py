@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from retrieval.artifacts import ArtifactError
+from retrieval.testing.contract import SourceContract
 from retrieval.types import Deadline, Request
 from sources.ann import AnnSource
 from sources.ann_faiss import default_nlist, default_nprobe, exact_top_k
-from tests.contract import SourceContract
 from tests.test_ann import DIMS, N_ITEMS, T0, build, open_source, write_events
 
 pytest.importorskip("faiss")

@@ -9,7 +9,7 @@ import pytest
 
 import retrieval
 from retrieval import Retriever, blend
-from retrieval.cli import main
+from retrieval.tools.cli import main
 from retrieval.types import SourceStatus
 
 CONFIG = """
@@ -74,7 +74,7 @@ def test_module_level_blend_loads_once(config_path):
     a = blend(config_path, user_id=1, k=3)
     b = blend(config_path, user_id=1, k=3)
     assert a.item_ids.tolist() == b.item_ids.tolist() and len(a) == 3
-    assert len(retrieval.retriever._cache) >= 1
+    assert len(retrieval.online.retriever._cache) >= 1
 
 
 def test_ablend(config_path):

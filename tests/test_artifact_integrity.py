@@ -1,7 +1,7 @@
 """Corrupt, foreign or mixed artifacts are refused before anything is mapped; builds publish in
 one atomic step; ``--only`` keeps the other sources; a FIFO never blocks startup.
 
-Every test makes real small builds with ``retrieval.build.build`` in ``tmp_path``.
+Every test makes real small builds with ``retrieval.offline.build.build`` in ``tmp_path``.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from retrieval.artifacts import (
     source_root,
 )
 from retrieval.artifacts import ArtifactError as ArtifactsArtifactError
-from retrieval.build import build
 from retrieval.config import RetrievalConfig, load_config
 from retrieval.errors import ArtifactError
+from retrieval.offline.build import build
 from retrieval.types import SourceStatus
 from sources.base import SourceContext
 from tests.session_log import write_session_log
@@ -345,7 +345,7 @@ def test_only_keeps_the_other_sources_of_the_existing_build(tmp_path: Path) -> N
 
 
 def test_only_through_the_cli_with_a_relative_artifacts_path(tmp_path: Path) -> None:
-    from retrieval.cli import main
+    from retrieval.tools.cli import main
 
     cfg = make_config(tmp_path)
     log = make_log(tmp_path)
@@ -421,7 +421,7 @@ _SLOW_BUILD = """
 import sys, time
 from pathlib import Path
 import sources.popularity as popularity
-from retrieval.build import build
+from retrieval.offline.build import build
 from retrieval.config import load_config
 
 def stuck(*args, **kwargs):

@@ -5,8 +5,8 @@ import textwrap
 
 import pytest
 
-from retrieval.cli import main
-from retrieval.synth import synthesize
+from retrieval.tools.cli import main
+from retrieval.tools.synth import synthesize
 
 pytest.importorskip("faiss")
 

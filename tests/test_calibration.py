@@ -65,8 +65,8 @@ def test_calibrated_quota_is_a_floor():
 
 
 def test_cli_calibrate_writes_curves_a_calibrated_retriever_serves(tmp_path):
-    from retrieval.cli import main
-    from retrieval.retriever import Retriever
+    from retrieval.online.retriever import Retriever
+    from retrieval.tools.cli import main
     from tests.session_log import write_session_log
 
     log = tmp_path / "log.csv"

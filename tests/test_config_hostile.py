@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from retrieval.cli import main
 from retrieval.config import ConfigError, RetrievalConfig, load_config
 from retrieval.errors import ArtifactError, InputError, StoreError
 from retrieval.redact import redact, redact_text, secrets_of
+from retrieval.tools.cli import main
 from retrieval.types import DEFAULT_EVENT_WEIGHTS
 
 TOY = "tests.toy_sources:ListSource"
@@ -361,7 +361,7 @@ def test_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
     items = ", ".join(str(i) for i in range(40_000))
     p = write(tmp_path, GOOD.replace("items: [1, 2, 3]", f"items: [{items}]"))
     proc = subprocess.Popen(
-        [sys.executable, "-m", "retrieval.cli", "validate", str(p)],
+        [sys.executable, "-m", "retrieval.tools.cli", "validate", str(p)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=ROOT,
@@ -398,7 +398,7 @@ def test_errors_of_the_tree_map_to_their_exit_codes(
     def handler(args: object) -> int:
         raise exc
 
-    monkeypatch.setattr("retrieval.cli._validate", handler)
+    monkeypatch.setattr("retrieval.tools.cli._validate", handler)
     assert main(["validate", str(tmp_path / "x.yaml")]) == code
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err
@@ -410,7 +410,7 @@ def test_an_unexpected_value_error_is_a_bug_with_a_traceback(
     def handler(args: object) -> int:
         raise ValueError("operands could not be broadcast (redis://u:hunter22@h)")
 
-    monkeypatch.setattr("retrieval.cli._validate", handler)
+    monkeypatch.setattr("retrieval.tools.cli._validate", handler)
     assert main(["validate", str(tmp_path / "x.yaml")]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "operands could not be broadcast" in err

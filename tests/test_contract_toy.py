@@ -1,8 +1,8 @@
 """The shared contract applied to the in-test sources (and so to any user-defined source)."""
 
+from retrieval.testing.contract import SourceContract
 from retrieval.types import Request
 from sources.base import SourceContext
-from tests.contract import SourceContract
 from tests.toy_sources import CatalogSource, HistoryEcho, ListParams, ListSource
 
 

@@ -3,12 +3,12 @@
 import numpy as np
 import pytest
 
-from retrieval.events import read_events
+from retrieval.offline.events import read_events
+from retrieval.testing.contract import SourceContract
 from retrieval.types import Deadline, Request
 from sources.base import SourceContext
 from sources.covisitation import CovisitationParams, CovisitationSource, build_covisitation
 from tests.builds import build_source
-from tests.contract import SourceContract
 
 
 def log(tmp_path, rows, header="user_id,item_id,timestamp", name="log.csv"):

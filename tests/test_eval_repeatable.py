@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from retrieval.config import load_config
-from retrieval.evaluate import evaluate, holdout_split, load_for_eval
-from retrieval.events import read_events
-from retrieval.retriever import Retriever
+from retrieval.evaluation.evaluate import evaluate, holdout_split, load_for_eval
+from retrieval.offline.events import read_events
+from retrieval.online.retriever import Retriever
 from retrieval.types import Request
 from tests.session_log import write_session_log
 

@@ -6,16 +6,16 @@ import textwrap
 import numpy as np
 import pytest
 
-from retrieval.cli import main
 from retrieval.config import load_config
-from retrieval.evaluate import (
+from retrieval.evaluation.evaluate import (
     EvalError,
     evaluate,
     load_for_eval,
     score_user,
     split_by_time,
 )
-from retrieval.events import read_events
+from retrieval.offline.events import read_events
+from retrieval.tools.cli import main
 
 LOG = """user_id,item_id,timestamp
 1,10,100
@@ -154,7 +154,7 @@ def test_cli_eval_json(files, tmp_path, capsys):
 
 
 def test_two_processes_give_the_same_metrics_as_one(tmp_path):
-    from retrieval.synth import synthesize
+    from retrieval.tools.synth import synthesize
 
     log = tmp_path / "log.parquet"
     synthesize(log, n_items=1500, n_users=1200, n_events=24000, seed=5)

@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from retrieval.events import ColumnMap, EventsError, read_events
+from retrieval.offline.events import ColumnMap, EventsError, read_events
 
 HEADER = "user_id,item_id,timestamp,event_type,session_id,weight,country"
 ROWS = [

@@ -12,9 +12,9 @@ import pytest
 
 from retrieval import Retriever
 from retrieval.artifacts import CSR
-from retrieval.build import build
 from retrieval.config import load_config
-from retrieval.rows import Row
+from retrieval.offline.build import build
+from retrieval.store.rows import Row
 from retrieval.types import Deadline, Request
 from sources.base import SourceContext
 from sources.covisitation import CovisitationParams, CovisitationSource

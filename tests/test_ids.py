@@ -16,9 +16,9 @@ import pytest
 from blender.filters import Exclusions, load_blocklist
 from retrieval.artifacts import IdMap
 from retrieval.errors import IdError, InputError
-from retrieval.evaluate import Split, _requests, _same_dtype, metrics, split_from_files
-from retrieval.events import EventsError, read_events
+from retrieval.evaluation.evaluate import Split, _requests, _same_dtype, metrics, split_from_files
 from retrieval.ids import id_array, id_keys, id_parts, int_spellings
+from retrieval.offline.events import EventsError, read_events
 from retrieval.types import as_id_array
 
 HEADER = "user_id,item_id,timestamp"

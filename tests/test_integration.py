@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from retrieval import Retriever, SourceStatus
-from retrieval.cli import main
-from retrieval.synth import synthesize
+from retrieval.tools.cli import main
+from retrieval.tools.synth import synthesize
 
 CONFIG = """
 k: 200

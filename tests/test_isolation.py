@@ -284,7 +284,7 @@ def test_close_waits_for_calls_in_flight_and_leaves_hung_sources_open():
 
 def test_retriever_close_does_not_close_a_source_mid_query(tmp_path):
     from retrieval.config import RetrievalConfig
-    from retrieval.retriever import Retriever
+    from retrieval.online.retriever import Retriever
 
     cfg = RetrievalConfig.load(
         {
@@ -348,7 +348,7 @@ def test_close_gives_the_host_its_blas_threads_back():
     from threadpoolctl import threadpool_info
 
     from retrieval.config import RetrievalConfig
-    from retrieval.retriever import Retriever
+    from retrieval.online.retriever import Retriever
 
     before = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
     r = Retriever(
@@ -362,7 +362,7 @@ def test_close_gives_the_host_its_blas_threads_back():
 
 
 def test_module_blend_sees_a_changed_config(tmp_path):
-    from retrieval.retriever import blend
+    from retrieval.online.retriever import blend
 
     path = tmp_path / "c.yaml"
     path.write_text(
@@ -394,7 +394,7 @@ def test_a_shadowing_sources_package_is_named_not_mysterious(tmp_path):
 
 def test_live_popularity_uses_the_configured_event_weights():
     from retrieval.config import RetrievalConfig
-    from retrieval.retriever import Retriever
+    from retrieval.online.retriever import Retriever
 
     cfg = RetrievalConfig.load(
         {
@@ -414,7 +414,7 @@ def test_live_popularity_uses_the_configured_event_weights():
 
 def test_store_history_is_trimmed_to_the_request_limit():
     from retrieval.config import RetrievalConfig
-    from retrieval.retriever import Retriever
+    from retrieval.online.retriever import Retriever
 
     cfg = RetrievalConfig.load(
         {
@@ -436,7 +436,7 @@ def test_closing_under_load_never_crashes_a_real_annoy_query(tmp_path):
 
     A real annoy index big enough that one query (search_k 2M) takes ~100 ms of native code;
     the retriever is closed 30 ms into it. Run in a subprocess: a crash is an exit code."""
-    from retrieval.cli import main
+    from retrieval.tools.cli import main
 
     n, d = 100_000, 32
     rng = np.random.default_rng(0)
@@ -488,7 +488,7 @@ def test_the_blend_command_exits_with_a_hung_source(tmp_path):
         "  - {name: hang, kind: 'tests.test_isolation:Hang2'}\n"
     )
     out = subprocess.run(
-        [sys.executable, "-m", "retrieval.cli", "blend", str(cfg), "--user", "1", "--json"],
+        [sys.executable, "-m", "retrieval.tools.cli", "blend", str(cfg), "--user", "1", "--json"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -501,7 +501,7 @@ def test_the_blend_command_exits_with_a_hung_source(tmp_path):
 
 def test_the_retriever_refuses_an_oversized_request_before_reading_the_store():
     from retrieval.config import RetrievalConfig
-    from retrieval.retriever import Retriever
+    from retrieval.online.retriever import Retriever
 
     cfg = RetrievalConfig.load({"sources": [{"name": "a", "kind": "tests.toy_sources:ListSource"}]})
     with Retriever(cfg) as r:

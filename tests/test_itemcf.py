@@ -5,7 +5,8 @@ import warnings
 import numpy as np
 import pytest
 
-from retrieval.events import read_events
+from retrieval.offline.events import read_events
+from retrieval.testing.contract import SourceContract
 from retrieval.types import Deadline, Request
 from sources.itemcf import (
     ItemCFParams,
@@ -16,7 +17,6 @@ from sources.itemcf import (
     weighted_matrix,
 )
 from tests.builds import build_source
-from tests.contract import SourceContract
 
 
 def random_rows(seed=0, users=40, items=25, n=300):

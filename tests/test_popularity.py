@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from retrieval.artifacts import ArtifactError
-from retrieval.events import EventLog, read_events
+from retrieval.offline.events import EventLog, read_events
+from retrieval.testing.contract import SourceContract
 from retrieval.types import Deadline, Request
 from sources.base import SourceContext
 from sources.popularity import PopularityParams, PopularitySource
-from tests.contract import SourceContract
 
 DAY = 86_400.0
 T0 = 1_700_000_000.0

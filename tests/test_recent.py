@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from retrieval.testing.contract import SourceContract
 from retrieval.types import Deadline, Request
 from sources.base import SkipSource, SourceContext
 from sources.recent import RecentParams, RecentSource
-from tests.contract import SourceContract
 
 
 def _recent(**params: object) -> RecentSource:

@@ -22,14 +22,14 @@ import pytest
 import redis
 
 from retrieval import Retriever
-from retrieval.cache import CacheFormatError, decode_result, encode_result
-from retrieval.cli import main
 from retrieval.config import ConfigError, RetrievalConfig, load_config
-from retrieval.push import push
-from retrieval.redis_store import RedisStore
-from retrieval.rows import RowFormatError, pack_row, unpack_row
+from retrieval.offline.push import push
 from retrieval.store import Event, StoreUnavailable
-from retrieval.synth import synthesize
+from retrieval.store.cache import CacheFormatError, decode_result, encode_result
+from retrieval.store.redis_store import RedisStore
+from retrieval.store.rows import RowFormatError, pack_row, unpack_row
+from retrieval.tools.cli import main
+from retrieval.tools.synth import synthesize
 from retrieval.types import CandidateSet, Deadline, Request, SourceReport, SourceStatus
 from tests.test_store_redis import Server, delete_prefix, free_port, redis_url  # noqa: F401
 
@@ -77,7 +77,7 @@ def redis_store_yaml(url: str, prefix: str, **extra: Any) -> str:
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Two builds (A, B) of one config on two logs: what a push switches between."""
-    from retrieval.build import build
+    from retrieval.offline.build import build
 
     root = tmp_path_factory.mktemp("serving")
     out = {}

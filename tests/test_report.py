@@ -17,7 +17,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from retrieval.report import ReportData, render_report, write_report
+from retrieval.evaluation.report import ReportData, render_report, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 EVIL = "<script>alert(1)</script>"

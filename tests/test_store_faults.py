@@ -24,10 +24,10 @@ import redis
 from retrieval import Retriever
 from retrieval.config import RetrievalConfig
 from retrieval.errors import IdError, InputError, StoreError
-from retrieval.push import PUSHABLE_KINDS, push
-from retrieval.redis_store import RedisStore
-from retrieval.rows import pack_row
+from retrieval.offline.push import PUSHABLE_KINDS, push
 from retrieval.store import Event, StoreUnavailable
+from retrieval.store.redis_store import RedisStore
+from retrieval.store.rows import pack_row
 from retrieval.types import DEFAULT_EVENT_WEIGHTS, Deadline, Request, SourceStatus
 from sources.base import Source
 from sources.covisitation import CovisitationParams, CovisitationSource
@@ -413,12 +413,12 @@ def test_a_slow_store_read_is_degraded_not_a_source_timeout(tmp_path: Path) -> N
 
 
 def test_the_default_weights_live_in_types_and_serving_does_not_import_pyarrow() -> None:
-    import retrieval.events
+    import retrieval.offline.events
 
-    assert retrieval.events.DEFAULT_EVENT_WEIGHTS is DEFAULT_EVENT_WEIGHTS
+    assert retrieval.offline.events.DEFAULT_EVENT_WEIGHTS is DEFAULT_EVENT_WEIGHTS
     code = (
-        "import sys, retrieval.store, retrieval.redis_store, retrieval.types\n"
-        "bad = [m for m in ('retrieval.events', 'pyarrow') if m in sys.modules]\n"
+        "import sys, retrieval.store, retrieval.store.redis_store, retrieval.types\n"
+        "bad = [m for m in ('retrieval.offline.events', 'pyarrow') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)

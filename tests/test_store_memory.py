@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from retrieval.store import RESCALE_HALF_LIVES, Event, MemoryStore
+from retrieval.store import Event, MemoryStore
+from retrieval.store.base import RESCALE_HALF_LIVES
 from tests.store_suite import StoreSuite
 
 
@@ -23,7 +24,7 @@ def test_counters_never_overflow_over_thousands_of_half_lives(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """exp2 overflows past 1,024 half-lives from t0: t0 must move forward instead."""
-    import retrieval.store as mod
+    import retrieval.store.memory as mod
 
     hl = 1.0
     store = MemoryStore(half_life_s=hl)

@@ -23,8 +23,8 @@ import pytest
 import redis
 
 from retrieval.errors import StoreError
-from retrieval.redis_store import ERA_HALF_LIVES, RedisStore, StoreUnavailable, redact
 from retrieval.store import Event
+from retrieval.store.redis_store import ERA_HALF_LIVES, RedisStore, StoreUnavailable, redact
 from tests.store_suite import StoreSuite
 
 SLACK_S = 0.08  # scheduling noise on a shared machine on top of a read's own budget
@@ -204,8 +204,8 @@ class TestRedisStore(StoreSuite):
     def test_new_era_folds_the_previous_one_in(
         self, store: RedisStore, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        import retrieval.redis_store as mod
-        import retrieval.store as events_mod
+        import retrieval.store.base as events_mod
+        import retrieval.store.redis_store as mod
 
         real = time.time()
         offset = [0.0]
@@ -292,7 +292,7 @@ def test_buffered_events_flush_when_redis_returns() -> None:
 
 def test_buffer_overflow_drops_the_oldest_and_says_so(caplog: pytest.LogCaptureFixture) -> None:
     srv = Server()
-    caplog.set_level(logging.WARNING, logger="retrieval.redis_store")
+    caplog.set_level(logging.WARNING, logger="retrieval.store.redis_store")
     with RedisStore(srv.url, buffer_events=5, socket_timeout_ms=50) as store:
         now = time.time()
         for i in range(8):

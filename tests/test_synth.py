@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from retrieval.events import read_events
-from retrieval.synth import EVENT_TYPES, SynthStats, synthesize
+from retrieval.offline.events import read_events
+from retrieval.tools.synth import EVENT_TYPES, SynthStats, synthesize
 
 N_ITEMS, N_USERS, N_EVENTS = 4_000, 1_500, 60_000
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import yaml
 
-from retrieval import tune as tune_module
-from retrieval.cli import main
 from retrieval.config import load_config
+from retrieval.evaluation import tune as tune_module
+from retrieval.tools.cli import main
 from tests.session_log import write_session_log
 
 CONFIG = """\

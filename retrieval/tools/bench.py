@@ -81,8 +81,8 @@ def _sample(
         users = IdMap.load(artifacts / "ids" / "users.npy", mmap=True)
         picks = rng.integers(0, len(users), size=n)
         return [Request(user_id=u.item()) for u in users.to_external(picks)]
-    from retrieval.build import needed_segments
-    from retrieval.events import read_events
+    from retrieval.offline.build import needed_segments
+    from retrieval.offline.events import read_events
 
     log = read_events(events_path, config.events.columns, needed_segments(config))
     picks = np.sort(rng.choice(len(log), size=min(n, len(log)), replace=False))
@@ -289,7 +289,7 @@ def _serve_share(
     start: Any,
     results: Any,
 ) -> None:
-    from retrieval.retriever import Retriever
+    from retrieval.online.retriever import Retriever
 
     try:
         with Retriever(config) as retriever:

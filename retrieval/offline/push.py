@@ -6,8 +6,8 @@ popularity source serves its build from local artifacts, plus the live counters 
 from ``record()``), so pushing them would only fill Redis.
 
 Each source's rows go under a NEW version (``{p}:nb:{version}:{source}:{item}``, one packed row
-per item, see ``retrieval.rows``); when every row is written, a marker (the row key of the empty
-item, ``{p}:nb:{version}:{source}:``) says the version is whole, and one ``SET
+per item, see ``retrieval.store.rows``); when every row is written, a marker (the row key of
+the empty item, ``{p}:nb:{version}:{source}:``) says the version is whole, and one ``SET
 {p}:nb:current:{source} {version}`` switches readers over; then older versions of that source are
 deleted. Readers fetch the current version and its rows in one atomic script, so they see the old
 set or the new one, never a mix; a current version without marker and rows is reported as
@@ -28,11 +28,11 @@ from typing import Any
 import numpy as np
 
 from retrieval.artifacts import CSR, IdMap, load_csr, open_artifacts, resolve_build
-from retrieval.build import check_built
 from retrieval.config import RetrievalConfig
 from retrieval.errors import InputError, StoreError
+from retrieval.offline.build import check_built
 from retrieval.redact import redact
-from retrieval.rows import pack_row
+from retrieval.store.rows import pack_row
 
 __all__ = ["PUSHABLE_KINDS", "PushResult", "push"]
 

@@ -28,7 +28,7 @@ from retrieval.artifacts import (
 )
 from retrieval.config import RetrievalConfig, SourceConfig
 from retrieval.errors import InputError
-from retrieval.events import EventLog, read_events
+from retrieval.offline.events import EventLog, read_events
 from sources.base import SourceParams
 
 __all__ = [

@@ -23,10 +23,10 @@ from blender.calibration import CALIBRATION_FILE, Calibration
 from blender.fanout import Blender, RequestLimits, SourceSlot
 from blender.filters import load_blocklist
 from retrieval.artifacts import open_artifacts, prefetch_page_cache, resolve_build
-from retrieval.build import check_built
-from retrieval.cache import CacheFormatError, cache_key, decode_result, encode_result
 from retrieval.config import ConfigError, RetrievalConfig, load_config
+from retrieval.offline.build import check_built
 from retrieval.store import Event, MemoryStore, Store
+from retrieval.store.cache import CacheFormatError, cache_key, decode_result, encode_result
 from retrieval.types import CandidateSet, Deadline, ItemId, Request, SourceStatus, UserId
 from sources.base import Need, Source, SourceContext, SourceParams
 
@@ -401,7 +401,7 @@ def _make_store(config: RetrievalConfig) -> Store:
             event_weights=dict(config.events.weights),
         )
     try:
-        from retrieval.redis_store import RedisStore
+        from retrieval.store.redis_store import RedisStore
     except ImportError as exc:
         raise ConfigError(
             config.origin,

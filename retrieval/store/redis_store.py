@@ -10,7 +10,7 @@ Key layout (``p`` is the ``prefix``; every key lives under ``{p}:``)::
     {p}:popm:e{era}:{segment}    marker: this era's set has absorbed the previous era's (SET NX)
     {p}:cache:{key}              bytes of a cached blend result (SET PX)
     {p}:nb:current:{source}      the version of ``source``'s pushed lists that readers use
-    {p}:nb:{version}:{source}:{item}   one packed row (``retrieval.rows``) per item
+    {p}:nb:{version}:{source}:{item}   one packed row (``retrieval.store.rows``) per item
     {p}:nb:{version}:{source}:   marker (empty item): this version's rows were all written
 
 Decay without rescans: an event adds ``w * 2**((t - t_era) / half_life_s)`` with ZINCRBY, so the
@@ -55,8 +55,8 @@ from redis.exceptions import RedisError, ResponseError
 
 from retrieval.errors import InputError, StoreError
 from retrieval.redact import redact, secrets_of
-from retrieval.rows import Row, RowFormatError, unpack_row
 from retrieval.store import Event, StoreRead, StoreUnavailable, check_events
+from retrieval.store.rows import Row, RowFormatError, unpack_row
 from retrieval.types import DEFAULT_EVENT_WEIGHTS, ItemId, UserId
 
 __all__ = ["ERA_HALF_LIVES", "T0", "RedisStore", "StoreRead", "StoreUnavailable", "redact"]

@@ -35,9 +35,8 @@ from tqdm import tqdm
 
 from blender.calibration import Calibration
 from retrieval.artifacts import params_hash
-from retrieval.build import build, build_params_hash_input, needed_segments
 from retrieval.config import RetrievalConfig, SourceConfig
-from retrieval.evaluate import (
+from retrieval.evaluation.evaluate import (
     Runs,
     Split,
     collect,
@@ -52,8 +51,9 @@ from retrieval.evaluate import (
     seen_items,
     source_lists,
 )
-from retrieval.events import EventLog, read_events
-from retrieval.retriever import Retriever, make_blender
+from retrieval.offline.build import build, build_params_hash_input, needed_segments
+from retrieval.offline.events import EventLog, read_events
+from retrieval.online.retriever import Retriever, make_blender
 
 __all__ = ["SEARCH_SPACES", "Trial", "TuneResult", "tune", "write_tuned_yaml"]
 
@@ -132,7 +132,7 @@ class TuneResult:
     latency: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def report_data(self, title: str, subtitle: str) -> dict[str, Any]:
-        """What ``retrieval.report`` draws for a tuning run (validation figures)."""
+        """What ``retrieval.evaluation.report`` draws for a tuning run (validation figures)."""
         k = self.k
         rows = {
             name: {**self.table.get("rows", {}).get(name, {}), f"before@{k}": before}

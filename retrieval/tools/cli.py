@@ -35,7 +35,7 @@ def _validate(args: argparse.Namespace) -> int:
 
 
 def _blend(args: argparse.Namespace) -> int:
-    from retrieval.retriever import Retriever
+    from retrieval.online.retriever import Retriever
 
     user: int | str = int(args.user) if args.user.lstrip("-").isdigit() else args.user
     history = [int(h) if h.lstrip("-").isdigit() else h for h in args.history or []]
@@ -71,7 +71,7 @@ def _artifacts_dir(config: RetrievalConfig) -> Path:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from retrieval.build import build, format_summary
+    from retrieval.offline.build import build, format_summary
 
     config = load_config(args.config)
     out = args.out or _artifacts_dir(config)
@@ -86,7 +86,7 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    from retrieval.push import push
+    from retrieval.offline.push import push
 
     config = load_config(args.config)
     url = args.url or config.store.url
@@ -104,14 +104,14 @@ def _push(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from retrieval.bench import (
+    from retrieval.online.retriever import Retriever
+    from retrieval.tools.bench import (
         exact_reference,
         format_result,
         run_bench,
         run_bench_processes,
         sample_requests,
     )
-    from retrieval.retriever import Retriever
 
     config = load_config(args.config)
     artifacts = args.artifacts.resolve()
@@ -141,14 +141,14 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from retrieval.doctor import doctor
+    from retrieval.tools.doctor import doctor
 
     print(doctor(items=args.items, queries=args.queries))
     return 0
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from retrieval.synth import synthesize
+    from retrieval.tools.synth import synthesize
 
     fmt: Literal["csv", "parquet"] = "csv" if ".csv" in args.out.name else "parquet"
     stats = synthesize(
@@ -176,7 +176,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from retrieval.evaluate import evaluate, format_report, load_for_eval, report_data
+    from retrieval.evaluation.evaluate import evaluate, format_report, load_for_eval, report_data
 
     config = load_config(args.config)
     split, path = load_for_eval(
@@ -199,7 +199,7 @@ def _write_outputs(
         args.json.write_text(json.dumps(data, indent=2))
         print(f"wrote {args.json}")
     if args.report:
-        from retrieval.report import ReportData, write_report
+        from retrieval.evaluation.report import ReportData, write_report
 
         title = f"retrieval {args.command} {args.config.name}"
         command = "retrieval " + " ".join(sys.argv[1:])
@@ -208,7 +208,7 @@ def _write_outputs(
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from retrieval.tune import blend_depths, tune, write_tuned_yaml
+    from retrieval.evaluation.tune import blend_depths, tune, write_tuned_yaml
 
     config = load_config(args.config)
     result = tune(
@@ -242,9 +242,9 @@ def _tune(args: argparse.Namespace) -> int:
 
 def _calibrate(args: argparse.Namespace) -> int:
     from blender.calibration import CALIBRATION_FILE
-    from retrieval.build import needed_segments
-    from retrieval.evaluate import calibrate
-    from retrieval.events import read_events
+    from retrieval.evaluation.evaluate import calibrate
+    from retrieval.offline.build import needed_segments
+    from retrieval.offline.events import read_events
 
     config = load_config(args.config)
     out = args.out or _artifacts_dir(config) / CALIBRATION_FILE

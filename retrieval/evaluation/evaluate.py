@@ -30,12 +30,12 @@ from blender.fanout import NO_CLOCK_MS, Blender
 from blender.filters import Exclusions
 from blender.merge import SourceList, merge, unify_id_dtypes
 from retrieval.artifacts import IdMap
-from retrieval.build import build
 from retrieval.config import RetrievalConfig
 from retrieval.errors import InputError
-from retrieval.events import EventLog, read_events
 from retrieval.ids import id_keys
-from retrieval.retriever import Retriever, make_blender
+from retrieval.offline.build import build
+from retrieval.offline.events import EventLog, read_events
+from retrieval.online.retriever import Retriever, make_blender
 from retrieval.types import Deadline, Request, SourceStatus, as_id_array
 from sources.base import SkipSource
 
@@ -95,7 +95,7 @@ class EvalReport:
 
 
 def report_data(report: EvalReport, title: str, subtitle: str) -> dict[str, Any]:
-    """What ``retrieval.report`` draws for an evaluation."""
+    """What ``retrieval.evaluation.report`` draws for an evaluation."""
     rows = {**report.sources, "blend": report.blend}
     rows.update({f"blend:{n}": v for n, v in report.variants.items()})
     latency = {
@@ -842,7 +842,7 @@ def load_for_eval(
     seed: int = 0,
 ) -> tuple[Split, Path]:
     """Read the log(s) and split them as the CLI asked."""
-    from retrieval.build import needed_segments
+    from retrieval.offline.build import needed_segments
 
     segs = needed_segments(config)
     if train is not None or test is not None:

@@ -7,7 +7,7 @@ notes come from user YAML and logs, so every string is HTML-escaped. Values may 
 (a source skipped for every user, a metric a stage did not compute): they are drawn as gaps and
 shown as a dash, never a crash.
 
-    from retrieval.report import write_report
+    from retrieval.evaluation.report import write_report
     write_report(Path("report.html"), {"title": "eval", "curves": {...}, "table": {...}})
 """
 
