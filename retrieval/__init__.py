@@ -1,13 +1,14 @@
 """candidate-retrieval: narrow a catalog of millions to ~1,000 candidates per user, in time.
 
-Exports load lazily: ``retrieval.types`` is the ground floor every layer imports, so importing
-this package must not pull in the blender and the sources (that would be an import cycle).
+The public face, imported eagerly. Inside, layers import only downwards (a test checks):
+``retrieval.{errors,ids,types,redact,config}`` are the ground; ``retrieval.store`` and
+``retrieval.artifacts`` hold state and formats; ``sources`` and ``blender`` the candidate
+sources and the fan-out; ``retrieval.online`` serves; ``retrieval.offline`` builds;
+``retrieval.evaluation`` measures and tunes; ``retrieval.tools`` is the command line.
 """
 
-import importlib as _importlib
 import importlib.util as _importlib_util
 import logging as _logging
-import typing as _typing
 from pathlib import Path as _Path
 
 
@@ -30,86 +31,62 @@ def _check_siblings() -> None:
 
 _check_siblings()
 
-if _typing.TYPE_CHECKING:
-    from blender.fanout import RequiredSourceError
-    from retrieval.config import ConfigError, RetrievalConfig, load_config
-    from retrieval.online.retriever import Retriever, blend
-    from retrieval.store import Event, MemoryStore, Store, StoreUnavailable
-    from retrieval.types import (
-        Candidate,
-        CandidateSet,
-        Deadline,
-        Request,
-        SourceReport,
-        SourceStatus,
-    )
-    from sources.base import Need, SkipSource, Source, SourceContext, SourceParams, register
+from blender.fanout import RequiredSourceError
+from retrieval.config import ConfigError, RetrievalConfig, load_config
+from retrieval.errors import (
+    ArtifactError,
+    IdError,
+    InputError,
+    RequestTooLarge,
+    RetrievalError,
+    SourceError,
+    StoreError,
+)
+from retrieval.online.retriever import Retriever, blend
+from retrieval.store import Event, MemoryStore, Store, StoreUnavailable
+from retrieval.types import (
+    Candidate,
+    CandidateSet,
+    Deadline,
+    Request,
+    SourceReport,
+    SourceStatus,
+)
+from sources.base import Need, SkipSource, Source, SourceContext, SourceParams, register
 
 __version__ = "0.1.0"
 
-_EXPORTS: dict[str, str] = {
-    "Candidate": "retrieval.types",
-    "CandidateSet": "retrieval.types",
-    "ConfigError": "retrieval.config",
-    "Deadline": "retrieval.types",
-    "Event": "retrieval.store",
-    "MemoryStore": "retrieval.store",
-    "Need": "sources.base",
-    "Request": "retrieval.types",
-    "RequiredSourceError": "blender.fanout",
-    "RetrievalConfig": "retrieval.config",
-    "Retriever": "retrieval.online.retriever",
-    "SkipSource": "sources.base",
-    "Source": "sources.base",
-    "SourceContext": "sources.base",
-    "SourceParams": "sources.base",
-    "SourceReport": "retrieval.types",
-    "SourceStatus": "retrieval.types",
-    "Store": "retrieval.store",
-    "StoreUnavailable": "retrieval.store",
-    "blend": "retrieval.online.retriever",
-    "load_config": "retrieval.config",
-    "register": "sources.base",
-}
-
 __all__ = [
+    "ArtifactError",
     "Candidate",
     "CandidateSet",
     "ConfigError",
     "Deadline",
     "Event",
+    "IdError",
+    "InputError",
     "MemoryStore",
     "Need",
     "Request",
+    "RequestTooLarge",
     "RequiredSourceError",
     "RetrievalConfig",
+    "RetrievalError",
     "Retriever",
     "SkipSource",
     "Source",
     "SourceContext",
+    "SourceError",
     "SourceParams",
     "SourceReport",
     "SourceStatus",
     "Store",
+    "StoreError",
     "StoreUnavailable",
     "__version__",
     "blend",
     "load_config",
     "register",
 ]
-
-
-def __getattr__(name: str) -> _typing.Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'retrieval' has no attribute {name!r}")
-    value = getattr(_importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
-
 
 _logging.getLogger(__name__).addHandler(_logging.NullHandler())

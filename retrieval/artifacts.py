@@ -34,16 +34,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
-import pyarrow as pa
-import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from retrieval.errors import ArtifactError
 from retrieval.ids import id_array, id_keys
+
+if TYPE_CHECKING:
+    from retrieval.config import SourceConfig
+    from sources.base import SourceParams
 
 __all__ = [
     "CSR",
@@ -56,6 +58,8 @@ __all__ = [
     "IdMap",
     "Manifest",
     "SourceEntry",
+    "build_params_hash_input",
+    "check_built",
     "check_source",
     "file_sum",
     "fingerprint",
@@ -243,6 +247,9 @@ class IdMap:
         arr = _canonical(values)
         if arr.dtype.kind == "U" and arr.shape[0] > 0:
             # Arrow hashes strings much faster than numpy sorts them; sort only the distinct ones.
+            import pyarrow as pa  # only builds map strings this way: serving never loads Arrow
+            import pyarrow.compute as pc
+
             enc = pc.dictionary_encode(pa.array(arr, type=pa.string()))
             order = np.asarray(pc.sort_indices(enc.dictionary))
             rank = np.empty(order.shape[0], dtype=np.int32)
@@ -1116,3 +1123,20 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def build_params_hash_input(params: SourceParams) -> dict[str, Any]:
+    """The params that shape the artifacts; serving-only knobs may change without a rebuild."""
+    data = params.model_dump(mode="json")
+    for key in getattr(type(params), "serving_params", frozenset()):
+        data.pop(key, None)
+    version = getattr(type(params), "build_version", 1)
+    if version != 1:  # version 1 adds nothing: builds made before versions existed still match
+        data["build_version"] = version
+    return data
+
+
+def check_built(manifest: Manifest, sc: SourceConfig) -> None:
+    """Refuse artifacts of source ``sc`` that were built for other build params."""
+    hashed = params_hash(sc.kind, build_params_hash_input(sc.resolved_params))
+    check_source(manifest, sc.name, sc.kind, hashed)

@@ -34,7 +34,6 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 
 from retrieval.errors import InputError
-from retrieval.offline.events import ColumnMap
 from retrieval.redact import redact_text, secrets_of
 from retrieval.types import DEFAULT_EVENT_WEIGHTS
 from sources.base import Source, SourceParams, UnknownKindError, resolve_kind
@@ -77,6 +76,19 @@ class ConfigError(InputError):
         ]
         head = f"invalid config ({len(self.problems)} problem{'s' * (len(self.problems) != 1)})"
         super().__init__(head + "\n  " + "\n  ".join(lines))
+
+
+class ColumnMap(BaseModel):
+    """Names of the columns in the input file, so YAML ``columns:`` can remap them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: str = "user_id"
+    item_id: str = "item_id"
+    timestamp: str = "timestamp"
+    event_type: str = "event_type"
+    session_id: str = "session_id"
+    weight: str = "weight"
 
 
 class _Model(BaseModel):

@@ -37,8 +37,13 @@ from threadpoolctl import threadpool_limits
 
 from retrieval.artifacts import ArtifactError, IdMap, require_finite, source_root
 from retrieval.errors import InputError
-from retrieval.offline.events import DEFAULT_EVENT_WEIGHTS, event_weight_vector
-from retrieval.types import Deadline, Request, as_id_array
+from retrieval.types import (
+    DEFAULT_EVENT_WEIGHTS,
+    Deadline,
+    Request,
+    as_id_array,
+    event_weight_vector,
+)
 from sources import ann_annoy, ann_exact, ann_faiss
 from sources.ann_annoy import AnnoySearch, build_annoy
 from sources.ann_exact import ExactSearch

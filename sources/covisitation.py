@@ -13,7 +13,7 @@ import math
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -21,9 +21,12 @@ import scipy.sparse as sp
 from pydantic import Field
 
 from retrieval.artifacts import CSR, save_csr
-from retrieval.offline.events import DEFAULT_EVENT_WEIGHTS, EventLog, event_weight_vector
+from retrieval.types import DEFAULT_EVENT_WEIGHTS, event_weight_vector
 from sources.base import Need, SourceParams, register
 from sources.neighbours import NeighbourSource, top_k_per_row
+
+if TYPE_CHECKING:
+    from retrieval.offline.events import EventLog
 
 __all__ = ["CovisitationParams", "CovisitationSource", "count_pairs"]
 

@@ -24,8 +24,13 @@ from pydantic import Field
 
 from retrieval.artifacts import CSR, ArtifactError, IdMap, load_csr, save_csr, source_root
 from retrieval.errors import InputError
-from retrieval.offline.events import DEFAULT_EVENT_WEIGHTS, event_weight_vector
-from retrieval.types import Deadline, Request, as_id_array
+from retrieval.types import (
+    DEFAULT_EVENT_WEIGHTS,
+    Deadline,
+    Request,
+    as_id_array,
+    event_weight_vector,
+)
 from sources.base import Ranked, Source, SourceContext, SourceParams, register
 
 if TYPE_CHECKING:

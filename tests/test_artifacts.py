@@ -286,7 +286,7 @@ def test_prefetch_reads_every_file_through_links_and_skips_broken_ones(tmp_path:
 def test_a_bumped_build_version_refuses_builds_of_the_older_builder() -> None:
     from typing import ClassVar
 
-    from retrieval.offline.build import build_params_hash_input
+    from retrieval.artifacts import build_params_hash_input
     from sources.itemcf import ItemCFParams
 
     class Older(ItemCFParams):

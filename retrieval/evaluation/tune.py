@@ -34,7 +34,7 @@ import yaml
 from tqdm import tqdm
 
 from blender.calibration import Calibration
-from retrieval.artifacts import params_hash
+from retrieval.artifacts import build_params_hash_input, params_hash
 from retrieval.config import RetrievalConfig, SourceConfig
 from retrieval.evaluation.evaluate import (
     Runs,
@@ -51,7 +51,7 @@ from retrieval.evaluation.evaluate import (
     seen_items,
     source_lists,
 )
-from retrieval.offline.build import build, build_params_hash_input, needed_segments
+from retrieval.offline.build import build, needed_segments
 from retrieval.offline.events import EventLog, read_events
 from retrieval.online.retriever import Retriever, make_blender
 

@@ -19,23 +19,19 @@ from retrieval.artifacts import (
     ArtifactError,
     ArtifactWriter,
     Manifest,
-    check_source,
+    build_params_hash_input,
     file_sum,
     fingerprint,
     open_artifacts,
-    params_hash,
     verify_build,
 )
 from retrieval.config import RetrievalConfig, SourceConfig
 from retrieval.errors import InputError
 from retrieval.offline.events import EventLog, read_events
-from sources.base import SourceParams
 
 __all__ = [
     "BuildRow",
     "build",
-    "build_params_hash_input",
-    "check_built",
     "format_summary",
     "needed_segments",
 ]
@@ -52,23 +48,6 @@ class BuildRow:
     seconds: float
     bytes_on_disk: int
     stats: dict[str, Any]
-
-
-def build_params_hash_input(params: SourceParams) -> dict[str, Any]:
-    """The params that shape the artifacts; serving-only knobs may change without a rebuild."""
-    data = params.model_dump(mode="json")
-    for key in getattr(type(params), "serving_params", frozenset()):
-        data.pop(key, None)
-    version = getattr(type(params), "build_version", 1)
-    if version != 1:  # version 1 adds nothing: builds made before versions existed still match
-        data["build_version"] = version
-    return data
-
-
-def check_built(manifest: Manifest, sc: SourceConfig) -> None:
-    """Refuse artifacts of source ``sc`` that were built for other build params."""
-    hashed = params_hash(sc.kind, build_params_hash_input(sc.resolved_params))
-    check_source(manifest, sc.name, sc.kind, hashed)
 
 
 def needed_segments(config: RetrievalConfig) -> list[str]:

@@ -9,7 +9,7 @@ reads the message is looking at the file, not at our code.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
@@ -20,12 +20,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict
 
 from retrieval.artifacts import IdMap
+from retrieval.config import ColumnMap
 from retrieval.errors import InputError
 from retrieval.ids import INT64_MAX
-from retrieval.types import DEFAULT_EVENT_WEIGHTS  # re-exported: its old home
+from retrieval.types import (  # re-exported: their old home
+    DEFAULT_EVENT_WEIGHTS,
+    event_weight_vector,
+)
 
 __all__ = [
     "DEFAULT_EVENT_WEIGHTS",
@@ -53,19 +56,6 @@ class EventsError(InputError):
 
     An :class:`~retrieval.errors.InputError`, so still a ``ValueError``.
     """
-
-
-class ColumnMap(BaseModel):
-    """Names of the columns in the input file, so YAML ``columns:`` can remap them."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    user_id: str = "user_id"
-    item_id: str = "item_id"
-    timestamp: str = "timestamp"
-    event_type: str = "event_type"
-    session_id: str = "session_id"
-    weight: str = "weight"
 
 
 @dataclass(frozen=True)
@@ -625,19 +615,3 @@ def _first_failure(arr: pa.Array, fn: Callable[[pa.Array], Any]) -> int:
         else:
             lo = mid
     return lo
-
-
-def event_weight_vector(
-    events: EventLog, event_weights: Mapping[str, float]
-) -> npt.NDArray[np.float64]:
-    """Each event's weight: its ``weight`` column times its type's weight (unknown types: 1).
-
-    One definition for every builder, so "a cart counts three clicks" means the same everywhere.
-    """
-    w = np.asarray(events.weights, dtype=np.float64)
-    if events.event_types is not None and len(events.event_type_names):
-        per_type = np.array(
-            [float(event_weights.get(n, 1.0)) for n in events.event_type_names], dtype=np.float64
-        )
-        w = w * per_type[events.event_types]
-    return w

@@ -27,10 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from retrieval.artifacts import CSR, IdMap, load_csr, open_artifacts, resolve_build
+from retrieval.artifacts import CSR, IdMap, check_built, load_csr, open_artifacts, resolve_build
 from retrieval.config import RetrievalConfig
 from retrieval.errors import InputError, StoreError
-from retrieval.offline.build import check_built
 from retrieval.redact import redact
 from retrieval.store.rows import pack_row
 

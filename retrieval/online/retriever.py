@@ -22,9 +22,8 @@ from blender.breaker import CircuitBreaker
 from blender.calibration import CALIBRATION_FILE, Calibration
 from blender.fanout import Blender, RequestLimits, SourceSlot
 from blender.filters import load_blocklist
-from retrieval.artifacts import open_artifacts, prefetch_page_cache, resolve_build
+from retrieval.artifacts import check_built, open_artifacts, prefetch_page_cache, resolve_build
 from retrieval.config import ConfigError, RetrievalConfig, load_config
-from retrieval.offline.build import check_built
 from retrieval.store import Event, MemoryStore, Store
 from retrieval.store.cache import CacheFormatError, cache_key, decode_result, encode_result
 from retrieval.types import CandidateSet, Deadline, ItemId, Request, SourceStatus, UserId
