@@ -6,7 +6,7 @@ the run cycling through the failures a user's worst day brings: it hangs until t
 sleeps past the deadline, raises, and returns 2-D arrays, NaN scores, repeated and mixed-kind
 ids. Then it behaves. Every blend goes through a real ``Retriever`` (embedded store).
 
-Printed (and written as JSON with ``--json PATH``):
+Printed as JSON (and written to ``--json-out PATH``):
 - exceptions raised by ``blend`` (must be 0);
 - latency p50/p99/max and the share of blends over the deadline (and over deadline + 10 ms);
 - per source and phase, the share of each status;
@@ -130,7 +130,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=60.0)
     ap.add_argument("--deadline-ms", type=float, default=50.0)
     ap.add_argument("--hostile-share", type=float, default=0.5, help="of the run (default 0.5)")
-    ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--json-out", type=Path, help="also write the figures to this JSON file")
     args = ap.parse_args()
 
     _Csr.get()
@@ -230,8 +230,8 @@ def main() -> None:
     ]
     out["hostile_ok_again_after_s"] = round(min(first_ok) - phase_end, 2) if first_ok else None
     print(json.dumps(out, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    if args.json_out:
+        args.json_out.write_text(json.dumps(out, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -17,32 +17,28 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from retrieval.errors import InputError
+from retrieval.artifacts import read_versioned_json
+from retrieval.errors import ArtifactError
 
 __all__ = ["CALIBRATION_FILE", "Calibration", "RankCurve", "fit_curve", "isotonic_decreasing"]
 
 CALIBRATION_FILE = "calibration.json"
 FORMAT_VERSION = 1
+_RERUN = "rerun `retrieval calibrate CONFIG --events LOG`"
 
 
 def isotonic_decreasing(
     values: npt.NDArray[np.float64], weights: npt.NDArray[np.float64]
 ) -> npt.NDArray[np.float64]:
-    """Weighted least-squares fit that never increases (pool adjacent violators)."""
-    out_v: list[float] = []
-    out_w: list[float] = []
-    out_n: list[int] = []
-    for v, w in zip(values.tolist(), weights.tolist(), strict=True):
-        out_v.append(v)
-        out_w.append(max(w, 1e-12))
-        out_n.append(1)
-        while len(out_v) > 1 and out_v[-2] < out_v[-1]:
-            w2 = out_w[-2] + out_w[-1]
-            v2 = (out_v[-2] * out_w[-2] + out_v[-1] * out_w[-1]) / w2
-            n2 = out_n[-2] + out_n[-1]
-            del out_v[-1], out_w[-1], out_n[-1]
-            out_v[-1], out_w[-1], out_n[-1] = v2, w2, n2
-    return np.repeat(np.asarray(out_v), out_n)
+    """Weighted least-squares fit that never increases (scipy's pool adjacent violators)."""
+    from scipy.optimize import isotonic_regression  # fitting is offline: serving never loads it
+
+    fit = isotonic_regression(
+        np.asarray(values, dtype=np.float64),
+        weights=np.maximum(np.asarray(weights, dtype=np.float64), 1e-12),
+        increasing=False,
+    )
+    return np.asarray(fit.x, dtype=np.float64)
 
 
 @dataclass(frozen=True)
@@ -100,25 +96,16 @@ class Calibration:
 
     @classmethod
     def load(cls, path: Path, required: Sequence[str]) -> Calibration:
+        """The curves in ``path`` (ArtifactError when missing, of another format version, or
+        without a curve for one of the ``required`` sources)."""
+        data = read_versioned_json(path, FORMAT_VERSION, "calibration", remedy=_RERUN)
         try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise InputError(
-                f"{path}: no calibration; run `retrieval calibrate CONFIG --events LOG` first"
-            ) from None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(
-                f"{path}: unreadable calibration ({exc}); run `retrieval calibrate`"
-            ) from None
-        if data.get("format_version") != FORMAT_VERSION:
-            raise InputError(
-                f"{path}: calibration format {data.get('format_version')!r}; rerun tune"
-            )
-        curves = {n: RankCurve(tuple(c["edges"]), tuple(c["p"])) for n, c in data["curves"].items()}
+            curves = {
+                n: RankCurve(tuple(c["edges"]), tuple(c["p"])) for n, c in data["curves"].items()
+            }
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{path}: malformed calibration ({exc!r}); {_RERUN}") from None
         missing = [n for n in required if n not in curves]
         if missing:
-            raise InputError(
-                f"{path}: no curve for sources {missing}; "
-                "rerun `retrieval calibrate` for this config"
-            )
+            raise ArtifactError(f"{path}: no curve for sources {missing}; {_RERUN} for this config")
         return cls(curves, int(data.get("users", 0)))

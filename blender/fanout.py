@@ -1,13 +1,40 @@
-"""The deadline-aware blender: fan out to sources, keep what arrives in time, merge, filter.
+"""The deadline-aware blender: one request path, as named steps over one context.
+
+A blend is the steps of ``STEPS``, in that order, over one :class:`BlendContext` that
+:meth:`Blender.context` makes per request: it refuses a request over the limits before any work,
+and derives k, the budget and the deadlines once. ``blend`` and ``ablend`` run the same core
+(``Blender._core``); they differ only in how they wait for the answers.
+
+    prepare   the exclusions (each id checked by the one id rule), the depth each source is
+              asked for (k plus what the exclusions may eat) and the filters merge and backfill
+              apply: the static blocklist and the request's exclusions
+    gate      per source: one that cannot serve the request is ``skipped``, one whose breaker
+              is open ``circuit_open``
+    fan_out   the others start on their own lanes; a full lane is ``shed``, never queued
+    wait      until every answer is in or its deadline has passed (``blend`` blocks its thread;
+              ``ablend`` awaits, then runs the steps after this one on the side lane)
+    collect   each answer checked against the contract on the caller's thread (pairs, id rule,
+              finite scores, repeats dropped, cut to the depth asked); late ones ``timeout`` or
+              ``shed``, broken ones ``error``; the breakers told
+    require   a ``required`` source that did not answer fails the blend
+    lists     the answers as the merge sees them, in one id dtype
+    merge     ``blender.merge.merge``, one vectorised pass: deduplicated across sources, the
+              filters applied, blended by the strategy, cut to k
+    backfill  a short slate topped up from the fallback, asked again deeper on its own lane,
+              within the same deadline
+    result    the CandidateSet, with how many of each source's candidates survived
 
 Each source runs on its own lane of daemon threads, made once with the blender (never per
 request), with a cap on its calls in flight: a hung source fills only its own lane, and its next
 calls are ``shed``, not queued. At the deadline the blender merges what has arrived and abandons
 the rest: a late source never delays the response. Every answer is checked at one boundary
-(``_run_source``); a source that raises or breaks the contract is reported as ``error`` for that
-source alone (fail-open) unless it is ``required``. The circuit breaker counts only a source's
-own failures: a call that started late (CPU contention, a slow store read before the fan-out) and
-ran out of time is reported, but not held against it.
+(``checked_answer``); a source that raises or breaks the contract is reported as ``error`` for
+that source alone (fail-open) unless it is ``required``. The circuit breaker counts only a
+source's own failures: a call that started late (CPU contention, a slow store read before the
+fan-out) and ran out of time is reported, but not held against it.
+
+``combine`` runs the steps after the fan-out (lists, merge, backfill) on answers already in hand,
+with no clock: offline evaluation scores what serving would return.
 """
 
 from __future__ import annotations
@@ -17,7 +44,7 @@ import concurrent.futures as cf
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,15 +54,40 @@ import numpy.typing as npt
 from blender.breaker import CircuitBreaker
 from blender.filters import Exclusions
 from blender.lanes import Lane
-from blender.merge import SourceList, Strategy, merge, unify_id_dtypes
+from blender.merge import Merged, SourceList, Strategy, merge, unify_id_dtypes
 from retrieval.errors import InputError, RequestTooLarge, SourceError
 from retrieval.ids import id_array, id_parts
 from retrieval.types import CandidateSet, Deadline, Request, SourceReport, SourceStatus
 from sources.base import Ranked, SkipSource, Source
 
-__all__ = ["NO_CLOCK_MS", "Blender", "RequestLimits", "RequiredSourceError", "SourceSlot"]
+__all__ = [
+    "NO_CLOCK_MS",
+    "STEPS",
+    "BlendContext",
+    "Blender",
+    "RequestLimits",
+    "RequiredSourceError",
+    "SourceSlot",
+    "checked_answer",
+]
 
 logger = logging.getLogger(__name__)
+
+STEPS: tuple[str, ...] = (
+    "prepare",
+    "gate",
+    "fan_out",
+    "wait",
+    "collect",
+    "require",
+    "lists",
+    "merge",
+    "backfill",
+    "result",
+)
+"""The blend's steps in the order ``Blender._core`` runs them (the module's docstring says what
+each does); each is the method of the same name with a leading underscore (``wait``: ``_wait``
+for ``blend``, ``_await`` for ``ablend``)."""
 
 # A deadline that never comes in practice: offline work (evaluation, tuning) must not answer
 # differently because the machine was busy.
@@ -45,6 +97,8 @@ NO_CLOCK_MS = 3_600_000.0
 # after it started: a source that began late because the machine or the store was slow did not
 # fail on its own.
 _FAIR_SHARE = 0.8
+
+_NO_EXCLUSIONS = Exclusions()
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,84 +151,41 @@ class SourceSlot:
         return self.source.name
 
 
-@dataclass(slots=True)
-class _Call:
-    """One source's work for one request, timed inside the worker thread."""
+@dataclass(slots=True, eq=False)
+class BlendContext:
+    """One request on its way through the steps, made once by :meth:`Blender.context`.
 
-    slot: SourceSlot
-    deadline: Deadline
-    future: cf.Future[_Outcome | None] | None = None
-    report: SourceReport | None = None
-    started_at: float | None = None  # set by the worker when the source is called
-
-
-@dataclass(slots=True)
-class _Outcome:
-    result: Any  # the source's raw answer, checked by ``checked_answer`` when collected
-    error: str | None
-    skipped: bool
-    latency_ms: float
-    finished_at: float
-
-
-def _run_source(
-    source: Source, request: Request, k: int, deadline: Deadline, call: _Call | None = None
-) -> _Outcome | None:
-    """Run one source; exceptions never escape into the lane. None: it was due to start after
-    its deadline had passed, so it was not run at all."""
-    t0 = time.monotonic()
-    if t0 >= deadline.at:
-        return None
-    if call is not None:
-        call.started_at = t0
-    try:
-        # Checked on the caller's thread (``_collect``): four sources checking at once on their
-        # own threads fight over the GIL and cost the blend three times as much.
-        result: Any = source.retrieve(request, k, deadline)
-        error, skipped = None, False
-    except SkipSource as exc:
-        result, error, skipped = None, str(exc) or "skipped", True
-    except Exception as exc:  # fail-open: any source bug becomes a report, not an outage
-        result, error, skipped = None, f"{type(exc).__name__}: {exc}", False
-    t1 = time.monotonic()
-    return _Outcome(result, error, skipped, (t1 - t0) * 1000, t1)
-
-
-def checked_answer(answer: Any, k: int) -> Ranked:
-    """A source's answer held to the contract, the one boundary every answer crosses.
-
-    Two 1-D arrays of the same length; ids of one kind by the project's id rule (no uint64
-    wrap-around, no floats, bools or None); scores finite; each id once, at its first (best)
-    rank; at most ``k``. Anything else raises, and the blender reports ``error`` for that source
-    alone.
+    What every step needs is derived here once: k, the budget, the deadlines, and (by
+    "prepare") the exclusions and the depth to ask. Each step then reads the fields of the
+    steps before it and sets its own.
     """
-    try:
-        raw_ids, raw_scores = answer
-    except (TypeError, ValueError):
-        raise SourceError(
-            f"returned {type(answer).__name__}; expected a pair (ids, scores)"
-        ) from None
-    ids_in = raw_ids if isinstance(raw_ids, np.ndarray) else np.asarray(raw_ids, dtype=object)
-    scores = np.asarray(raw_scores)
-    if ids_in.ndim != 1 or scores.ndim != 1 or ids_in.shape != scores.shape:
-        raise SourceError(
-            f"returned ids of shape {ids_in.shape} and scores of shape {scores.shape}; "
-            "expected two 1-D arrays of the same length"
-        )
-    ids = id_array(ids_in, "returned ids")
-    if scores.dtype.kind not in "fiu":
-        raise SourceError(f"returned scores of dtype {scores.dtype}; expected numbers")
-    scores = scores.astype(np.float32, copy=False)
-    if not np.isfinite(scores).all():
-        bad = int(np.flatnonzero(~np.isfinite(scores))[0])
-        raise SourceError(f"returned a non-finite score ({scores[bad]}) at rank {bad}")
-    if ids.size > 1:
-        ordered = np.sort(ids)  # a plain sort finds repeats at a third of np.unique's cost
-        if (ordered[1:] == ordered[:-1]).any():  # keep each id at its first (best) rank
-            _, first = np.unique(ids, return_index=True)
-            keep = np.sort(first)
-            ids, scores = ids[keep], scores[keep]
-    return ids[:k], scores[:k]
+
+    request: Request
+    k: int
+    budget_ms: float
+    started: float
+    """Monotonic: when the caller's clock began (time spent before, e.g. reading the store,
+    comes out of the budget)."""
+    deadline: Deadline
+    """When collection stops: ``started`` + the budget - the merge reserve."""
+    sources_started: float
+    """When the sources' clocks began: their own timeouts and their fair share of the budget
+    count from here (``started``, unless the caller read a store first)."""
+    # prepare
+    excl: Exclusions = _NO_EXCLUSIONS
+    k_ask: int = 0
+    filters: tuple[Exclusions, ...] = ()
+    # gate, fan_out, collect
+    calls: list[_Call] = field(default_factory=list)
+    results: list[Ranked | None] = field(default_factory=list)
+    # lists, merge, backfill
+    lists: list[SourceList | None] = field(default_factory=list)
+    slate: Merged | None = None
+    backfilled: int = 0
+
+    def left_ms(self) -> float:
+        """Time left before the caller's deadline (``started`` + the budget)."""
+        return self.budget_ms - (time.monotonic() - self.started) * 1000.0
 
 
 class Blender:
@@ -226,44 +237,58 @@ class Blender:
 
     # -- the public face -------------------------------------------------------------------
 
+    def context(self, request: Request, started: float | None = None) -> BlendContext:
+        """The request's context; ``RequestTooLarge`` before any work when it is over the limits.
+
+        ``started`` (monotonic) is when the caller's clock began: time it already spent, e.g.
+        reading the store, comes out of this request's deadline.
+        """
+        self.limits.check(request)
+        return self._context(request, started, request.deadline_ms or self.deadline_ms)
+
     def blend(self, request: Request, started: float | None = None) -> CandidateSet:
-        """``started`` (monotonic) is when the caller's clock began: time it already spent,
-        e.g. reading the store, comes out of this request's deadline."""
-        started = time.monotonic() if started is None else started
-        calls, excl, k, overall = self._start(request, started)
-        pending = [c for c in calls if c.future is not None]
-        arrived = threading.Event()
-        for c in pending:
-            assert c.future is not None
-            c.future.add_done_callback(lambda _f: arrived.set())
-        while True:
-            now = time.monotonic()
-            pending = [c for c in pending if not c.future.done() and c.deadline.at > now]  # type: ignore[union-attr]
-            if not pending:
-                break
-            arrived.wait(max(c.deadline.at for c in pending) - now)
-            arrived.clear()
-        return self._finish(request, calls, excl, k, started, overall)
+        """Up to k candidates by the deadline: the steps of ``STEPS`` on this thread."""
+        return self.run(self.context(request, started))
 
     async def ablend(self, request: Request, started: float | None = None) -> CandidateSet:
-        started = time.monotonic() if started is None else started
-        calls, excl, k, overall = self._start(request, started)
-        pending = {asyncio.wrap_future(c.future): c for c in calls if c.future is not None}
-        while pending:
-            now = time.monotonic()
-            wake = max(c.deadline.at for c in pending.values())
-            if now >= wake:
-                break
-            done, _ = await asyncio.wait(
-                list(pending), timeout=wake - now, return_when=asyncio.FIRST_COMPLETED
-            )
-            for fut in done:
-                pending.pop(fut)
-            self._drop_overdue(pending)
-        # The merge and a backfill may wait on the fallback: off the event loop.
-        return await asyncio.wrap_future(
-            self._side.submit(self._finish, request, calls, excl, k, started, overall)
-        )
+        """``blend`` for asyncio: the loop is never blocked."""
+        return await self.arun(self.context(request, started))
+
+    def run(self, ctx: BlendContext) -> CandidateSet:
+        """The steps over a context from ``context``, waiting on this thread."""
+        core = self._core(ctx)
+        self._wait(next(core))
+        return _rest(core)
+
+    async def arun(self, ctx: BlendContext) -> CandidateSet:
+        """``run`` for asyncio: the wait is awaited, and the steps after it (the merge; a
+        backfill may wait on the fallback) run off the event loop, on the side lane."""
+        core = self._core(ctx)
+        await self._await(next(core))
+        return await asyncio.wrap_future(self._side.submit(_rest, core))
+
+    def combine(
+        self, request: Request, results: Sequence[Ranked | None]
+    ) -> tuple[npt.NDArray[Any], npt.NDArray[np.float32], npt.NDArray[np.int32], int]:
+        """The blend's steps after the fan-out (lists, merge, backfill) on answers already in
+        hand, one per source (None: it gave nothing), with no clock running.
+
+        Offline evaluation scores exactly what serving would return from the same lists, so
+        its recall does not depend on how busy the machine was (ids, scores, ranks, backfilled).
+        """
+        if len(results) != len(self.slots):
+            raise InputError(f"{len(results)} results for {len(self.slots)} sources")
+        ctx = self._context(request, None, NO_CLOCK_MS, reserve_ms=0.0)
+        self._prepare(ctx)
+        k_ask = ctx.k_ask
+        # As deep as the fan-out would have asked: a longer offline list must not add ranks.
+        ctx.results = [None if r is None else (r[0][:k_ask], r[1][:k_ask]) for r in results]
+        self._lists(ctx)
+        self._merge(ctx)
+        self._backfill(ctx)
+        slate = ctx.slate
+        assert slate is not None
+        return slate.item_ids, slate.scores, slate.ranks, ctx.backfilled
 
     def close(self, timeout_s: float = 5.0) -> list[str]:
         """Refuse new work and wait up to ``timeout_s`` for the calls in flight.
@@ -291,151 +316,233 @@ class Blender:
         assert lane is not None
         return lane.try_submit(fn, *args)
 
-    # -- steps -----------------------------------------------------------------------------
+    # -- the core: the steps in order --------------------------------------------------------
 
-    def _start(
-        self, request: Request, started: float
-    ) -> tuple[list[_Call], Exclusions, int, Deadline]:
-        self.limits.check(request)
-        k = request.k or self.k
-        budget = request.deadline_ms or self.deadline_ms
-        overall = Deadline(started + (budget - self.merge_reserve_ms) / 1000.0)
-        excl = self._exclusions(request)
-        k_ask = k + len(excl)
+    def _context(
+        self,
+        request: Request,
+        started: float | None,
+        budget_ms: float,
+        reserve_ms: float | None = None,
+    ) -> BlendContext:
+        """k, the budget and the deadline, once; the other fields are the steps' to set."""
+        started = time.monotonic() if started is None else started
+        reserve_ms = self.merge_reserve_ms if reserve_ms is None else reserve_ms
+        return BlendContext(
+            request=request,
+            k=request.k or self.k,
+            budget_ms=budget_ms,
+            started=started,
+            deadline=Deadline(started + (budget_ms - reserve_ms) / 1000.0),
+            sources_started=started,
+        )
+
+    def _core(self, ctx: BlendContext) -> Generator[BlendContext, None, CandidateSet]:
+        """Every step of ``STEPS``, in order, for ``run`` and ``arun`` alike. It pauses once,
+        at "wait", for its driver to wait for the answers its own way."""
+        self._prepare(ctx)
+        self._gate(ctx)
+        self._fan_out(ctx)
+        yield ctx  # wait
+        self._collect(ctx)
+        self._require(ctx)
+        self._lists(ctx)
+        self._merge(ctx)
+        self._backfill(ctx)
+        return self._result(ctx)
+
+    def _prepare(self, ctx: BlendContext) -> None:
+        """The exclusions, with every id the request carries checked by the one id rule first
+        (``IdError`` names the field), so no source gets an id it would have to guess about;
+        the depth to ask each source for; the filters merge and backfill apply."""
+        request = ctx.request
+        if request.seed_items:
+            id_parts(request.seed_items, "request.seed_items", mixed=True)
+        if not self.exclude_seen and request.history:
+            id_parts(request.history, "request.history", mixed=True)
+        ctx.excl = Exclusions(request.exclude, request.history if self.exclude_seen else ())
+        ctx.k_ask = ctx.k + len(ctx.excl)
+        ctx.filters = (self.blocklist, ctx.excl)
+
+    def _gate(self, ctx: BlendContext) -> None:
+        """One call per source, with its own deadline (its timeout counts from the sources'
+        clock, never past the collection deadline); a source that cannot serve the request
+        is skipped, one whose breaker is open is not asked."""
         calls = []
         for slot in self.slots:
-            own = overall
+            own = ctx.deadline
             if slot.timeout_ms is not None:
-                own = overall.earlier(Deadline(started + slot.timeout_ms / 1000.0))
+                own = own.earlier(Deadline(ctx.sources_started + slot.timeout_ms / 1000.0))
             call = _Call(slot, own)
-            calls.append(call)
-            reason = slot.source.missing(request)
+            reason = slot.source.missing(ctx.request)
             if reason is not None:
                 call.report = SourceReport(slot.name, SourceStatus.SKIPPED, error=reason)
             elif not slot.breaker.allow():
                 call.report = SourceReport(
                     slot.name, SourceStatus.CIRCUIT_OPEN, error="circuit breaker open"
                 )
-            else:
-                assert slot.lane is not None
-                call.future = slot.lane.try_submit(
-                    _run_source, slot.source, request, k_ask, own, call
-                )
-                if call.future is None:
-                    slot.breaker.release()
-                    call.report = SourceReport(
-                        slot.name,
-                        SourceStatus.SHED,
-                        error=f"{slot.lane.cap} calls already in flight",
-                    )
-        return calls, excl, k, overall
+            calls.append(call)
+        ctx.calls = calls
 
-    def _exclusions(self, request: Request) -> Exclusions:
-        """The request's exclusions, with every id it carries checked by the one id rule first
-        (``IdError`` names the field), so no source gets an id it would have to guess about."""
-        if request.seed_items:
-            id_parts(request.seed_items, "request.seed_items", mixed=True)
-        if not self.exclude_seen and request.history:
-            id_parts(request.history, "request.history", mixed=True)
-        return Exclusions(request.exclude, request.history if self.exclude_seen else ())
+    def _fan_out(self, ctx: BlendContext) -> None:
+        """The calls the gate let through start on their sources' lanes, each asked for
+        ``k_ask``; a full lane sheds its call at once."""
+        for call in ctx.calls:
+            if call.report is not None:
+                continue
+            slot = call.slot
+            assert slot.lane is not None
+            try:
+                call.future = slot.lane.try_submit(
+                    _run_source, slot.source, ctx.request, ctx.k_ask, call.deadline, call
+                )
+            except RuntimeError:  # closing: give back the probes the gate claimed
+                for c in ctx.calls:
+                    if c.report is None and c.future is None:
+                        c.slot.breaker.release()
+                raise
+            if call.future is None:
+                slot.breaker.release()
+                call.report = SourceReport(
+                    slot.name, SourceStatus.SHED, error=f"{slot.lane.cap} calls already in flight"
+                )
 
     @staticmethod
-    def _drop_overdue(pending: dict[Any, _Call]) -> None:
-        """Stop waiting for sources whose own timeout has passed."""
-        now = time.monotonic()
-        for fut in [f for f, c in pending.items() if c.deadline.at <= now]:
-            pending.pop(fut)
+    def _wait(ctx: BlendContext) -> None:
+        """Block until every call has answered or its own deadline has passed."""
+        pending = [c for c in ctx.calls if c.future is not None]
+        arrived = threading.Event()
+        for c in pending:
+            assert c.future is not None
+            c.future.add_done_callback(lambda _f: arrived.set())
+        while True:
+            now = time.monotonic()
+            pending = [c for c in pending if not c.future.done() and c.deadline.at > now]  # type: ignore[union-attr]
+            if not pending:
+                return
+            arrived.wait(max(c.deadline.at for c in pending) - now)
+            arrived.clear()
 
-    def _finish(
-        self,
-        request: Request,
-        calls: list[_Call],
-        excl: Exclusions,
-        k: int,
-        started: float,
-        overall: Deadline,
-    ) -> CandidateSet:
-        results = [self._collect(call, started, k + len(excl)) for call in calls]
-        lists = self._lists(results)
-        for call in calls:
+    @staticmethod
+    async def _await(ctx: BlendContext) -> None:
+        """``_wait`` for asyncio: the same rule, without blocking the loop."""
+        pending = {asyncio.wrap_future(c.future): c for c in ctx.calls if c.future is not None}
+        while pending:
+            now = time.monotonic()
+            wake = max(c.deadline.at for c in pending.values())
+            if now >= wake:
+                return
+            done, _ = await asyncio.wait(
+                list(pending), timeout=wake - now, return_when=asyncio.FIRST_COMPLETED
+            )
+            for fut in done:
+                pending.pop(fut)
+            now = time.monotonic()  # stop waiting for sources whose own timeout has passed
+            for fut in [f for f, c in pending.items() if c.deadline.at <= now]:
+                pending.pop(fut)
+
+    def _collect(self, ctx: BlendContext) -> None:
+        """Each call's answer, checked here on the caller's thread, or its report."""
+        ctx.results = [self._answer(call, ctx) for call in ctx.calls]
+
+    def _require(self, ctx: BlendContext) -> None:
+        """A required source that did not answer fails the blend."""
+        for call in ctx.calls:
             assert call.report is not None
             if call.slot.required and call.report.status is not SourceStatus.OK:
                 raise RequiredSourceError(call.report)
 
-        item_ids, scores, ranks, backfilled = self._combine(
-            request, results, lists, excl, k, k + len(excl), overall
+    def _lists(self, ctx: BlendContext) -> None:
+        """Each source's answer as the merge sees it (exclusions are applied after dedupe)."""
+        results = ctx.results
+        lists: list[SourceList | None] = [None] * len(results)
+        present = [i for i, r in enumerate(results) if r is not None]
+        if present:
+            ids_all = unify_id_dtypes([results[i][0] for i in present])  # type: ignore[index]
+            for i, ids in zip(present, ids_all, strict=True):
+                slot = self.slots[i]
+                lists[i] = SourceList(
+                    ids=ids,
+                    scores=results[i][1],  # type: ignore[index]
+                    ranks=np.arange(ids.size, dtype=np.int32),
+                    weight=slot.weight,
+                    quota=slot.quota,
+                    curve=self.curves.get(slot.name),
+                )
+        ctx.lists = lists
+
+    def _merge(self, ctx: BlendContext) -> None:
+        """Deduplicated across sources, filtered, blended, cut to k: one vectorised pass."""
+        ctx.slate = merge(ctx.lists, ctx.k, self.strategy, self.rrf_k, ctx.filters)
+
+    def _backfill(self, ctx: BlendContext) -> None:
+        """Top up a short slate from the fallback source, asking it for more if needed."""
+        slate, j = ctx.slate, self.fallback
+        assert slate is not None
+        item_ids, k, k_ask = slate.item_ids, ctx.k, ctx.k_ask
+        if item_ids.size >= k or j is None:
+            return
+        result = ctx.results[j]
+        if result is None:
+            return  # a fallback that failed is not asked twice
+        need = k - item_ids.size
+        ids, keep, asked = *self._usable(result[0], ctx.filters, item_ids), k_ask
+        # Exclusions may have eaten the fan-out answer: while the fallback's list was full and
+        # time remains, ask it again four times deeper, within the same deadline.
+        while int(keep.sum()) < need and result[0].size >= asked and not ctx.deadline.expired():
+            asked = 4 * max(asked, result[0].size)
+            if asked > 64 * (k_ask + item_ids.size):
+                break
+            deeper = self._ask_again(ctx.request, asked, ctx.deadline)
+            if deeper is None:
+                break
+            result = deeper
+            ids, keep = self._usable(result[0], ctx.filters, item_ids)
+        pos = np.arange(ids.size, dtype=np.int32)
+        if item_ids.size and item_ids.dtype != ids.dtype:
+            item_ids = unify_id_dtypes([item_ids, ids])[0]
+        add = ids[keep][:need]
+        if add.size == 0:
+            ctx.slate = Merged(item_ids, slate.scores, slate.ranks)
+            return
+        scores = slate.scores
+        floor = float(scores.min()) if scores.size else 1.0
+        add_scores = (floor - (np.arange(1, add.size + 1, dtype=np.float32) * 1e-6)).astype(
+            np.float32
         )
-        reports = tuple(c.report for c in calls if c.report is not None)
+        add_ranks = np.full((add.size, len(self.slots)), -1, dtype=np.int32)
+        add_ranks[:, j] = pos[keep][:need]
+        if not item_ids.size:
+            item_ids = add[:0]
+        ctx.slate = Merged(
+            np.concatenate([item_ids, add]),
+            np.concatenate([scores, add_scores]),
+            np.concatenate([slate.ranks, add_ranks]),
+        )
+        ctx.backfilled = int(add.size)
+
+    def _result(self, ctx: BlendContext) -> CandidateSet:
+        """The slate with each source's report and how many of its candidates survived."""
+        slate = ctx.slate
+        assert slate is not None
+        ranks = slate.ranks
+        reports = tuple(c.report for c in ctx.calls if c.report is not None)
         for j, rep in enumerate(reports):
             rep.survived = int(np.count_nonzero(ranks[:, j] >= 0)) if ranks.size else 0
         return CandidateSet(
-            item_ids=item_ids,
-            scores=scores,
+            item_ids=slate.item_ids,
+            scores=slate.scores,
             source_names=self.names,
             ranks=ranks,
             reports=reports,
-            elapsed_ms=(time.monotonic() - started) * 1000,
-            backfilled=backfilled,
+            elapsed_ms=(time.monotonic() - ctx.started) * 1000,
+            backfilled=ctx.backfilled,
         )
 
-    def combine(
-        self, request: Request, results: Sequence[Ranked | None]
-    ) -> tuple[npt.NDArray[Any], npt.NDArray[np.float32], npt.NDArray[np.int32], int]:
-        """The blend's steps after the fan-out (merge, filters, backfill) on answers already in
-        hand, one per source (None: it gave nothing), with no clock running.
+    # -- what the steps use ----------------------------------------------------------------
 
-        Offline evaluation scores exactly what serving would return from the same lists, so
-        its recall does not depend on how busy the machine was (ids, scores, ranks, backfilled).
-        """
-        if len(results) != len(self.slots):
-            raise InputError(f"{len(results)} results for {len(self.slots)} sources")
-        k = request.k or self.k
-        excl = self._exclusions(request)
-        k_ask = k + len(excl)
-        # As deep as the fan-out would have asked: a longer offline list must not add ranks.
-        cut = [None if r is None else (r[0][:k_ask], r[1][:k_ask]) for r in results]
-        return self._combine(
-            request, cut, self._lists(cut), excl, k, k_ask, Deadline.in_ms(NO_CLOCK_MS)
-        )
-
-    def _combine(
-        self,
-        request: Request,
-        results: list[Ranked | None],
-        lists: list[SourceList | None],
-        excl: Exclusions,
-        k: int,
-        k_ask: int,
-        overall: Deadline,
-    ) -> tuple[npt.NDArray[Any], npt.NDArray[np.float32], npt.NDArray[np.int32], int]:
-        merged = merge(lists, k, self.strategy, self.rrf_k, (self.blocklist, excl))
-        item_ids, scores, ranks = merged.item_ids, merged.scores, merged.ranks
-        if item_ids.size < k and self.fallback is not None:
-            return self._backfill(
-                request, overall, results, excl, k, k_ask, item_ids, scores, ranks
-            )
-        return item_ids, scores, ranks, 0
-
-    def _lists(self, results: list[Ranked | None]) -> list[SourceList | None]:
-        """Each source's answer as the merge sees it; exclusions are applied after dedupe."""
-        present = [i for i, r in enumerate(results) if r is not None]
-        lists: list[SourceList | None] = [None] * len(results)
-        if not present:
-            return lists
-        ids_all = unify_id_dtypes([results[i][0] for i in present])  # type: ignore[index]
-        for i, ids in zip(present, ids_all, strict=True):
-            slot = self.slots[i]
-            lists[i] = SourceList(
-                ids=ids,
-                scores=results[i][1],  # type: ignore[index]
-                ranks=np.arange(ids.size, dtype=np.int32),
-                weight=slot.weight,
-                quota=slot.quota,
-                curve=self.curves.get(slot.name),
-            )
-        return lists
-
-    def _collect(self, call: _Call, started: float, k_ask: int) -> Ranked | None:
+    def _answer(self, call: _Call, ctx: BlendContext) -> Ranked | None:
+        """One call's checked answer, or None with its report (and its breaker) set."""
         slot = call.slot
         if call.report is not None:  # skipped, shed or circuit-open before it ran
             return None
@@ -445,7 +552,7 @@ class Blender:
         if outcome is None or outcome.finished_at > call.deadline.at:
             # Late is late even if it landed while we were collecting the others: the outcome
             # must not depend on how fast this thread got here.
-            call.report = self._late(call, started)
+            call.report = self._late(call, ctx.sources_started)
             return None
         result, error, latency = outcome.result, outcome.error, outcome.latency_ms
         if outcome.skipped:
@@ -454,7 +561,7 @@ class Blender:
             return None
         if error is None:
             try:
-                result = checked_answer(result, k_ask)
+                result = checked_answer(result, ctx.k_ask)
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
         if error is not None:
@@ -493,11 +600,14 @@ class Blender:
             f"(started after {(began - started) * 1000:.1f} ms)",
         )
 
+    @staticmethod
     def _usable(
-        self, ids: npt.NDArray[Any], excl: Exclusions, current: npt.NDArray[Any]
+        ids: npt.NDArray[Any], filters: Sequence[Exclusions], current: npt.NDArray[Any]
     ) -> tuple[npt.NDArray[Any], npt.NDArray[np.bool_]]:
         """The fallback's ids (in the slate's id dtype) and which of them may be added."""
-        keep = self.blocklist.mask(ids) & excl.mask(ids)
+        keep = np.ones(ids.size, dtype=bool)
+        for f in filters:
+            keep &= f.mask(ids)
         if current.size:
             current, ids = unify_id_dtypes([current, ids])
             keep &= ~np.isin(ids, current)
@@ -529,54 +639,95 @@ class Blender:
             logger.debug("fallback %s broke the contract during backfill: %s", slot.name, exc)
             return None
 
-    def _backfill(
-        self,
-        request: Request,
-        overall: Deadline,
-        results: list[Ranked | None],
-        excl: Exclusions,
-        k: int,
-        k_ask: int,
-        item_ids: npt.NDArray[Any],
-        scores: npt.NDArray[np.float32],
-        ranks: npt.NDArray[np.int32],
-    ) -> tuple[npt.NDArray[Any], npt.NDArray[np.float32], npt.NDArray[np.int32], int]:
-        """Top up a short slate from the fallback source, asking it for more if needed."""
-        j = self.fallback
-        assert j is not None
-        result = results[j]
-        need = k - item_ids.size
-        if result is None:
-            return item_ids, scores, ranks, 0  # a fallback that failed is not asked twice
-        ids, keep, asked = *self._usable(result[0], excl, item_ids), k_ask
-        # Exclusions may have eaten the fan-out answer: while the fallback's list was full and
-        # time remains, ask it again four times deeper, within the same deadline.
-        while int(keep.sum()) < need and result[0].size >= asked and not overall.expired():
-            asked = 4 * max(asked, result[0].size)
-            if asked > 64 * (k_ask + item_ids.size):
-                break
-            deeper = self._ask_again(request, asked, overall)
-            if deeper is None:
-                break
-            result = deeper
-            ids, keep = self._usable(result[0], excl, item_ids)
-        pos = np.arange(ids.size, dtype=np.int32)
-        if item_ids.size and item_ids.dtype != ids.dtype:
-            item_ids = unify_id_dtypes([item_ids, ids])[0]
-        add = ids[keep][:need]
-        if add.size == 0:
-            return item_ids, scores, ranks, 0
-        floor = float(scores.min()) if scores.size else 1.0
-        add_scores = (floor - (np.arange(1, add.size + 1, dtype=np.float32) * 1e-6)).astype(
-            np.float32
+
+def _rest(core: Generator[BlendContext, None, CandidateSet]) -> CandidateSet:
+    """Run a paused core to its end: the steps after "wait"."""
+    try:
+        next(core)
+    except StopIteration as done:
+        result: CandidateSet = done.value
+        return result
+    raise AssertionError("the blend's core pauses only once")
+
+
+# -- the one boundary every source call and answer crosses ---------------------------------------
+
+
+@dataclass(slots=True)
+class _Call:
+    """One source's work for one request, timed inside the worker thread."""
+
+    slot: SourceSlot
+    deadline: Deadline
+    future: cf.Future[_Outcome | None] | None = None
+    report: SourceReport | None = None
+    started_at: float | None = None  # set by the worker when the source is called
+
+
+@dataclass(slots=True)
+class _Outcome:
+    result: Any  # the source's raw answer, checked by ``checked_answer`` when collected
+    error: str | None
+    skipped: bool
+    latency_ms: float
+    finished_at: float
+
+
+def _run_source(
+    source: Source, request: Request, k: int, deadline: Deadline, call: _Call | None = None
+) -> _Outcome | None:
+    """Run one source; exceptions never escape into the lane. None: it was due to start after
+    its deadline had passed, so it was not run at all."""
+    t0 = time.monotonic()
+    if t0 >= deadline.at:
+        return None
+    if call is not None:
+        call.started_at = t0
+    try:
+        # Checked on the caller's thread ("collect"): four sources checking at once on their
+        # own threads fight over the GIL and cost the blend three times as much.
+        result: Any = source.retrieve(request, k, deadline)
+        error, skipped = None, False
+    except SkipSource as exc:
+        result, error, skipped = None, str(exc) or "skipped", True
+    except Exception as exc:  # fail-open: any source bug becomes a report, not an outage
+        result, error, skipped = None, f"{type(exc).__name__}: {exc}", False
+    t1 = time.monotonic()
+    return _Outcome(result, error, skipped, (t1 - t0) * 1000, t1)
+
+
+def checked_answer(answer: Any, k: int) -> Ranked:
+    """A source's answer held to the contract, the one boundary every answer crosses.
+
+    Two 1-D arrays of the same length; ids of one kind by the project's id rule (no uint64
+    wrap-around, no floats, bools or None); scores finite; each id once, at its first (best)
+    rank; at most ``k``. Anything else raises, and the blender reports ``error`` for that source
+    alone.
+    """
+    try:
+        raw_ids, raw_scores = answer
+    except (TypeError, ValueError):
+        raise SourceError(
+            f"returned {type(answer).__name__}; expected a pair (ids, scores)"
+        ) from None
+    ids_in = raw_ids if isinstance(raw_ids, np.ndarray) else np.asarray(raw_ids, dtype=object)
+    scores = np.asarray(raw_scores)
+    if ids_in.ndim != 1 or scores.ndim != 1 or ids_in.shape != scores.shape:
+        raise SourceError(
+            f"returned ids of shape {ids_in.shape} and scores of shape {scores.shape}; "
+            "expected two 1-D arrays of the same length"
         )
-        add_ranks = np.full((add.size, len(self.slots)), -1, dtype=np.int32)
-        add_ranks[:, j] = pos[keep][:need]
-        if not item_ids.size:
-            item_ids = add[:0]
-        return (
-            np.concatenate([item_ids, add]),
-            np.concatenate([scores, add_scores]),
-            np.concatenate([ranks, add_ranks]),
-            int(add.size),
-        )
+    ids = id_array(ids_in, "returned ids")
+    if scores.dtype.kind not in "fiu":
+        raise SourceError(f"returned scores of dtype {scores.dtype}; expected numbers")
+    scores = scores.astype(np.float32, copy=False)
+    if not np.isfinite(scores).all():
+        bad = int(np.flatnonzero(~np.isfinite(scores))[0])
+        raise SourceError(f"returned a non-finite score ({scores[bad]}) at rank {bad}")
+    if ids.size > 1:
+        ordered = np.sort(ids)  # a plain sort finds repeats at a third of np.unique's cost
+        if (ordered[1:] == ordered[:-1]).any():  # keep each id at its first (best) rank
+            _, first = np.unique(ids, return_index=True)
+            keep = np.sort(first)
+            ids, scores = ids[keep], scores[keep]
+    return ids[:k], scores[:k]

@@ -173,7 +173,7 @@ def main() -> None:
             say(f"bench {name}: {procs} process(es) x {threads} thread(s) ...")
             cmd = [sys.executable, "-m", "retrieval.tools.cli", "bench", str(cfg)]
             cmd += ["--artifacts", str(artifacts), "--events", str(log)]
-            cmd += ["--requests", str(args.requests), "--json", str(out)]
+            cmd += ["--requests", str(args.requests), "--json-out", str(out)]
             cmd += ["--concurrency", str(threads), "--processes", str(procs)]
             cmd += ["--exact-queries", "200" if name == "c1" else "0"]
             seconds, peak = run(cmd, f"bench {name}")

@@ -52,9 +52,8 @@ from retrieval.types import (
     SourceReport,
     SourceStatus,
 )
+from retrieval.version import __version__
 from sources.base import Need, SkipSource, Source, SourceContext, SourceParams, register
-
-__version__ = "0.1.0"
 
 __all__ = [
     "ArtifactError",

@@ -51,6 +51,7 @@ __all__ = [
     "CSR",
     "FORMAT_VERSION",
     "MANIFEST_NAME",
+    "REBUILD",
     "STAMP_NAME",
     "ArtifactError",
     "ArtifactWriter",
@@ -68,6 +69,8 @@ __all__ = [
     "open_artifacts",
     "params_hash",
     "prefetch_page_cache",
+    "read_json_object",
+    "read_versioned_json",
     "require_finite",
     "resolve_build",
     "save_csr",
@@ -85,7 +88,7 @@ FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 STAMP_NAME = "BUILD_ID"  # in each source directory: the id of the build that wrote it
 _FINGERPRINT_BYTES = 1 << 20
-# Reads of 256 KiB stay in L2 while SHA-256 runs: read + hash at 1.2 GB/s, 0.6 with 16 MiB.
+# Reads of 256 KiB stay in L2 while SHA-256 runs: much faster than 16 MiB reads.
 _HASH_CHUNK = 256 << 10
 _VERIFY_THREADS = 4  # files checked at once (also capped by the CPUs this process may use)
 _PARALLEL_BYTES = 32 << 20  # below this, checking in one thread is as fast
@@ -103,6 +106,49 @@ _RENAME_EXCHANGE = 2
 # (st_dev, st_ino, size, mtime_ns) -> (sha256, when): files this process has checksummed.
 _verified: dict[tuple[int, int, int, int], tuple[str, float]] = {}
 _verified_lock = threading.Lock()
+
+
+# --------------------------------------------------------------------------------------------
+# versioned JSON: the manifest, sidecars, calibration curves
+
+REBUILD = "rebuild with `retrieval build`"
+
+
+def read_json_object(path: Path, what: str, *, remedy: str = REBUILD) -> dict[str, Any]:
+    """The JSON object in ``path``; an ArtifactError naming the file, ``what`` it should hold and
+    ``remedy`` (what to run) when it is missing, unreadable, not JSON or not an object."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: missing {what}; {remedy}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: unreadable {what} ({exc}); {remedy}") from exc
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}: {what} is not valid JSON ({exc}); {remedy}") from exc
+    if not isinstance(raw, dict):
+        raise ArtifactError(
+            f"{path}: expected a JSON object ({what}), found {type(raw).__name__}; {remedy}"
+        )
+    return raw
+
+
+def read_versioned_json(
+    path: Path, expected_version: int, what: str, *, remedy: str = REBUILD
+) -> dict[str, Any]:
+    """The JSON object in ``path`` when its ``format_version`` is ``expected_version``: the one
+    reader of every versioned JSON file. Anything else is an ArtifactError naming the file,
+    ``what`` it holds, the version found and the one expected, and ``remedy``."""
+    raw = read_json_object(path, what, remedy=remedy)
+    found = raw.get("format_version")
+    if found != expected_version or isinstance(found, bool):
+        raise ArtifactError(
+            f"{path}: {what} format_version {found!r}, but this code reads format_version "
+            f"{expected_version}; {remedy}"
+        )
+    return raw
 
 
 # --------------------------------------------------------------------------------------------
@@ -209,7 +255,7 @@ def _load_npy(path: Path, mmap: bool) -> npt.NDArray[Any]:
     except (ValueError, OSError, EOFError) as exc:
         raise ArtifactError(f"{path}: not a readable .npy file ({exc})") from exc
     # A plain ndarray over the same mapping: every slice of an np.memmap is another memmap,
-    # built through Python-level __getitem__/__array_finalize__ (6% of a blend's CPU at 1M).
+    # built through Python-level __getitem__/__array_finalize__ (a visible share of a blend).
     return arr.view(np.ndarray) if isinstance(arr, np.memmap) else arr
 
 
@@ -431,8 +477,8 @@ def params_hash(kind: str, params: Mapping[str, Any]) -> str:
 def fingerprint(path: Path) -> dict[str, Any]:
     """Identify an input file cheaply: size, mtime and a hash of its first and last MiB.
 
-    Hashing all of a 10 GB log would cost a minute; the ends catch appends, truncation and
-    replacement, which are the changes that happen to event logs.
+    Hashing all of a multi-GB log would cost as long as reading it; the ends catch appends,
+    truncation and replacement, which are the changes that happen to event logs.
     """
     path = Path(path)
     st = path.stat()
@@ -453,15 +499,11 @@ def fingerprint(path: Path) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # checksums
 #
-# SHA-256, chosen by measurement: 1 GB of random bytes on this project's shared 2-core machine
-# (x86 with SHA extensions, OpenSSL 3.0), one thread, MB/s hashing from memory / reading from
-# the page cache and hashing: sha256 1410 / 1180 (256 KiB reads; 600 with 16 MiB reads),
-# sha1 1530, blake2b 670 / 420, blake2s 380, md5 610, sha512 590, zlib.crc32 2400-3300 / 1010,
-# reading alone 1500-2000. Two threads on two files: 2300. So SHA-256 costs little more than
-# the read that fills the page cache anyway (a 2.4 GB build: checked at 1.1-2.3 GB/s, the old
-# prefetch read it at 1.6), is collision resistant (crc32 is not, and 32 bits over a 7 GB build
-# is thin) and any tool checks it (``sha256sum``). Without SHA extensions it drops to ~500
-# MB/s, where blake2b would be the faster choice.
+# SHA-256, chosen by measurement (benchmarks/README.md): on x86 with SHA extensions it costs
+# little more than the read that fills the page cache anyway, and beat every other hash but
+# sha1 and crc32; it is collision resistant (crc32 is not, and 32 bits over a multi-GB build is
+# thin) and any tool checks it (``sha256sum``). Without SHA extensions blake2b would be the
+# faster choice.
 
 
 def _stat_key(st: os.stat_result) -> tuple[int, int, int, int]:
@@ -742,13 +784,14 @@ def prefetch_page_cache(directory: Path, chunk_bytes: int = _HASH_CHUNK) -> int:
 
     Serving maps artifacts instead of reading them, so a cold page cache turns the first
     requests' lookups into random disk reads: at 10M items every source timed out during the
-    warm-up and its circuit breaker opened; a 1M-item faiss index answered in 10-190 ms instead
-    of 2. Reading into a scratch buffer fills the page cache only: no process's RSS grows
-    until it touches a page. Symlinks are followed (a serving directory may link its parts).
+    warm-up and its circuit breaker opened, and a 1M-item faiss index answered orders of
+    magnitude slower than warm. Reading into a scratch buffer fills the page cache only: no
+    process's RSS grows until it touches a page. Symlinks are followed (a serving directory may
+    link its parts).
 
     With a manifest, only the files it lists are read (a stray file is never served, so never
     worth the time); without one, every file. Only regular files are opened: a FIFO would block
-    the read for as long as nobody writes to it (it held startup for the whole 120 s wait).
+    the read for as long as nobody writes to it (it held startup until the wait timed out).
     Files this process has just checksummed (:func:`verify_build`) were read doing so, and are
     skipped.
     """
@@ -792,18 +835,7 @@ def open_artifacts(directory: Path, *, verify: bool = True) -> Manifest:
         raise ArtifactError(
             f"{directory}: no {MANIFEST_NAME}: not a complete build; run `retrieval build`"
         )
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"{path}: not valid JSON ({exc}); rebuild the artifacts") from exc
-    if not isinstance(raw, dict):
-        raise ArtifactError(f"{path}: expected a JSON object, found {type(raw).__name__}")
-    found = raw.get("format_version")
-    if found != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path}: artifact format_version {found!r}, but this code reads format_version "
-            f"{FORMAT_VERSION}; rebuild with `retrieval build`"
-        )
+    raw = read_versioned_json(path, FORMAT_VERSION, "artifact manifest")
     try:
         manifest = Manifest.model_validate(raw)
     except ValidationError as exc:

@@ -79,20 +79,37 @@ class ConfigError(InputError):
 
 
 class ColumnMap(BaseModel):
-    """Names of the columns in the input file, so YAML ``columns:`` can remap them."""
+    """The event log's column names (YAML ``events.columns``), so a log with other headers is
+    read as it is. An optional column named here explicitly must exist in the file."""
 
     model_config = ConfigDict(extra="forbid")
 
-    user_id: str = "user_id"
-    item_id: str = "item_id"
-    timestamp: str = "timestamp"
-    event_type: str = "event_type"
-    session_id: str = "session_id"
-    weight: str = "weight"
+    user_id: str = Field("user_id", description="Column of user ids (int64 or non-empty text).")
+    item_id: str = Field("item_id", description="Column of item ids (int64 or non-empty text).")
+    timestamp: str = Field(
+        "timestamp", description="Column of event times: unix seconds, or ISO-8601 text."
+    )
+    event_type: str = Field(
+        "event_type",
+        description="Optional column of event types (`click`, `cart`, ...), weighed by "
+        "`events.weights`; without it every event weighs 1.",
+    )
+    session_id: str = Field(
+        "session_id",
+        description="Optional column of session ids; without it co-visitation cuts a user's "
+        "events into sessions at gaps of its `session_gap_s`.",
+    )
+    weight: str = Field(
+        "weight",
+        description="Optional column of per-event weights, multiplied by the event type's "
+        "weight; without it every event weighs 1.",
+    )
 
 
 class _Model(BaseModel):
-    # Numbers must be finite (YAML's .inf and .nan are refused) and unknown keys are errors.
+    """Base of the config sections: numbers must be finite (YAML's ``.inf`` and ``.nan`` are
+    refused) and unknown keys are errors, so a typo is never silently ignored."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
@@ -104,51 +121,178 @@ Float = StrictFloat
 
 
 class BlendConfig(_Model):
-    strategy: Literal["rrf", "quota", "score", "calibrated"] = "rrf"
-    calibration: Path | None = None  # default for "calibrated": <artifacts>/calibration.json
-    rrf_k: Float = Field(60.0, ge=0)
-    exclude_seen: Bool = True
-    blocklist: Path | None = None
-    fallback: str | None = None
-    workers: Int | None = Field(None, ge=1, le=256)
-    merge_reserve_ms: Float = Field(1.0, ge=0)
+    """How the sources' lists become one slate (YAML ``blend``): the merge strategy, the
+    filters applied after it, the fallback that tops up a short slate, and each source's lane."""
+
+    strategy: Literal["rrf", "quota", "score", "calibrated"] = Field(
+        "rrf",
+        description="`rrf`: weighted reciprocal rank fusion, `sum weight / (rrf_k + rank + 1)`; "
+        "`score`: each source's min-max normalised score times its weight; `quota`: each source "
+        "in config order fills its `quota` with items no earlier source took, unused slots go "
+        "round-robin to the others, the slate interleaves sources by rank; `calibrated`: each "
+        "candidate's chance of being a hit, `1 - prod(1 - p_source(rank))`, from rank curves "
+        "(`retrieval calibrate`), quotas as floors. `rrf` is the default because it needs "
+        "neither comparable scores nor fitted curves.",
+    )
+    calibration: Path | None = Field(
+        None,
+        description="Rank curves file for `calibrated` (written by `retrieval calibrate` or "
+        "`retrieval tune`), relative to the config file; unset: "
+        "`<artifacts>/calibration.json`.",
+    )
+    rrf_k: Float = Field(
+        60.0,
+        ge=0,
+        description="RRF's rank offset: larger values flatten the difference between the top "
+        "ranks and the rest. 60 is the constant of the original RRF paper (Cormack et al., "
+        "2009).",
+    )
+    exclude_seen: Bool = Field(
+        True,
+        description="Drop the items in the user's history from the slate: the one place re-visits "
+        "are filtered (the sources keep them as candidates). Off when the next stage wants "
+        "re-visits (they are a large share of next items in session commerce).",
+    )
+    blocklist: Path | None = Field(
+        None,
+        description="A file with one item id per line, never returned (relative to the config "
+        "file); unset: no blocklist.",
+    )
+    fallback: str | None = Field(
+        None,
+        description="Name of a source (one of `sources[].name`) that tops up a slate shorter than "
+        "`k`, asked again, deeper, if exclusions ate its list; unset: a short slate stays short.",
+    )
+    workers: Int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="Calls in flight per source, on that source's own threads (made once per "
+        "retriever); a call beyond it is reported `shed`, not queued. Unset: 32, above the "
+        "callers' usual concurrency, so only a source that hoards calls is shed.",
+    )
+    merge_reserve_ms: Float = Field(
+        1.0,
+        ge=0,
+        description="Time kept back from `deadline_ms` for merging, in ms; must be below "
+        "`deadline_ms`. The default covers the merge of a few sources' lists of ~1,000 items.",
+    )
 
 
 class BreakerConfig(_Model):
-    failures: Int = Field(5, ge=1)
-    cooldown_s: Float = Field(10.0, gt=0)
+    """The per-source circuit breaker (YAML ``breaker``): a source that keeps failing is skipped
+    (reported ``circuit_open``) so it stops taking threads and time, and is probed again later."""
+
+    failures: Int = Field(
+        5,
+        ge=1,
+        description="Consecutive failures that open a source's breaker: errors, and timeouts of "
+        "calls that started with most of their budget. Several, so one slow call does not "
+        "silence a source.",
+    )
+    cooldown_s: Float = Field(
+        10.0,
+        gt=0,
+        description="Seconds an open breaker waits before one probe call; a success closes it, "
+        "a failure opens it for another cool-down.",
+    )
 
 
 class StoreConfig(_Model):
-    """The online store. ``url`` is overridden by ``$RETRIEVAL_REDIS_URL`` when that is set."""
+    """The online store (YAML ``store``): live user history, live popularity counters and the
+    result cache, in this process (``memory``) or shared through Redis (``redis``). ``url`` is
+    overridden by ``$RETRIEVAL_REDIS_URL`` when that is set."""
 
-    kind: Literal["memory", "redis"] = "memory"
-    history_len: Int = Field(200, ge=0, le=100_000)
-    history_ttl_s: Float | None = Field(None, gt=0)
-    half_life_s: Float = Field(86_400.0, gt=0)  # decay of the live popularity counters
-    url: str | None = None
-    prefix: str = Field("cr", pattern=r"^[A-Za-z0-9_.:-]{1,64}$")
-    socket_timeout_ms: Float = Field(100.0, gt=0, le=60_000)  # writes; reads use the deadline
-    read_reserve_ms: Float = Field(10.0, ge=0)  # kept for the sources when the store is slow
-    buffer_events: Int = Field(0, ge=0, le=10_000_000)  # 0: record() raises when Redis is down
-    cache_ttl_s: Float = Field(0.0, ge=0)  # result cache; 0 = off
+    kind: Literal["memory", "redis"] = Field(
+        "memory",
+        description="`memory`: embedded, one process, nothing to run; `redis`: shared by every "
+        "process and host (needs the `[redis]` extra and `url`).",
+    )
+    history_len: Int = Field(
+        200,
+        ge=0,
+        le=100_000,
+        description="Recent events kept per user (0: no live history). More than the sources "
+        "read (their `history` params), so any of them can be raised without losing events.",
+    )
+    history_ttl_s: Float | None = Field(
+        None,
+        gt=0,
+        description="Seconds after a user's last event when their history expires; unset: kept "
+        "until pushed out by newer events.",
+    )
+    half_life_s: Float = Field(
+        86_400.0,
+        gt=0,
+        description="Half-life of the live popularity counters, in seconds: an event's weight "
+        "halves every `half_life_s`. One day: today's events lead, yesterday's still count "
+        "half.",
+    )
+    url: str | None = Field(
+        None,
+        description="`redis://`, `rediss://` (TLS) or `unix://` URL; required for `redis`. "
+        "`$RETRIEVAL_REDIS_URL` overrides it; write `${REDIS_URL}` to keep it out of the file.",
+    )
+    prefix: str = Field(
+        "cr",
+        pattern=r"^[A-Za-z0-9_.:-]{1,64}$",
+        description="Every Redis key starts with `{prefix}:`, so deployments can share a server.",
+    )
+    socket_timeout_ms: Float = Field(
+        100.0,
+        gt=0,
+        le=60_000,
+        description="Timeout of Redis writes (`record()`), in ms; reads use the time left before "
+        "the request's deadline instead.",
+    )
+    read_reserve_ms: Float = Field(
+        10.0,
+        ge=0,
+        description="Time, in ms, a store read leaves for the sources when the store is slow (at "
+        "most half of what is left), so a slow store degrades the blend instead of timing out "
+        "every source.",
+    )
+    buffer_events: Int = Field(
+        0,
+        ge=0,
+        le=10_000_000,
+        description="With Redis down, `record()` keeps up to this many events in memory and sends "
+        "them, in order, once it is back (the oldest are dropped beyond it, and counted). 0: "
+        "`record()` raises `StoreUnavailable` instead, so no event is lost silently.",
+    )
+    cache_ttl_s: Float = Field(
+        0.0,
+        ge=0,
+        description="Lifetime of cached blend results, in seconds; 0 turns the result cache off "
+        "(the default: a cached slate does not see events recorded since).",
+    )
 
 
 EventWeight = Annotated[Float, Field(ge=0)]
 
 
 class EventsConfig(_Model):
-    columns: ColumnMap = Field(default_factory=ColumnMap)
-    segments: list[str] = Field(default_factory=list)
+    """The event log (YAML ``events``): its column names, the segment columns to keep and the
+    weight of each event type."""
+
+    columns: ColumnMap = Field(
+        default_factory=ColumnMap, description="The log's column names (see `ColumnMap`)."
+    )
+    segments: list[str] = Field(
+        default_factory=list,
+        description="Segment columns to keep from the log (e.g. `country`), besides those a "
+        "source's own `segments` param names.",
+    )
     weights: dict[Annotated[str, Field(min_length=1)], EventWeight] = Field(
         default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS),
         description="Weight of each event type (unknown types weigh 1): the one table for "
-        "builds, sources and the live counters; a source's own params.event_weights wins.",
+        "builds, sources and the live counters; a source's own `params.event_weights` wins.",
     )
 
 
 class LimitsConfig(_Model):
-    """Caps on what one request may carry; a request beyond them is refused (RequestTooLarge)."""
+    """Caps on what one request may carry (YAML ``limits``): a request beyond them is refused
+    with ``RequestTooLarge`` before any source runs, so its size cannot eat the deadline."""
 
     max_exclude: Int = Field(
         10_000, ge=0, description="Most item ids one request may ask to exclude."
@@ -158,51 +302,119 @@ class LimitsConfig(_Model):
         1_000,
         ge=1,
         description="Most history items per request: the store's are trimmed to the newest "
-        "max_history, a longer history given by the caller is refused.",
+        "`max_history`, a longer history given by the caller is refused.",
     )
 
 
 class SourceConfig(_Model):
-    name: str = Field(pattern=IDENTIFIER)
-    kind: str = Field(min_length=1)
-    timeout_ms: Float | None = Field(None, gt=0)
-    quota: Int | None = Field(None, ge=0)
-    weight: Float = Field(1.0, ge=0)
-    required: Bool = False
-    params: dict[str, Any] = Field(default_factory=dict)
+    """One entry of YAML ``sources``: a named instance of a source kind with its own budget,
+    blend weight and ``params`` (validated against the kind's ``Params`` model at load)."""
+
+    name: str = Field(
+        pattern=IDENTIFIER,
+        description="Identifier (`[a-z][a-z0-9_]*`, at most 63 characters), unique in the file: "
+        "it labels reports, logs and metrics.",
+    )
+    kind: str = Field(
+        min_length=1,
+        description="A built-in kind (`covisitation`, `itemcf`, `ann`, `popularity`, `recent`) "
+        "or an import path `package.module:Class` to a `Source` subclass.",
+    )
+    timeout_ms: Float | None = Field(
+        None,
+        gt=0,
+        description="This source's own budget, in ms (at most `deadline_ms`); unset: the global "
+        "deadline.",
+    )
+    quota: Int | None = Field(
+        None,
+        ge=0,
+        description="Slots for the `quota` strategy (floors for `calibrated`); all quotas sum to "
+        "at most `k`. Unset: an equal share of what the explicit quotas leave.",
+    )
+    weight: Float = Field(1.0, ge=0, description="Weight in the `rrf` and `score` strategies.")
+    required: Bool = Field(
+        False,
+        description="If it fails or times out, `blend()` raises `RequiredSourceError` instead of "
+        "returning what the other sources found.",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The kind's own parameters, checked against its `Params` model (tables below).",
+    )
 
     _cls: type[Source] | None = PrivateAttr(default=None)
     _params: SourceParams | None = PrivateAttr(default=None)
 
     @property
     def source_class(self) -> type[Source]:
+        """The class ``kind`` resolved to (set when the whole config loads)."""
         if self._cls is None:
             raise RuntimeError("SourceConfig was not resolved; build it with RetrievalConfig.load")
         return self._cls
 
     @property
     def resolved_params(self) -> SourceParams:
+        """``params`` validated against the kind's ``Params`` model (set when the config loads)."""
         if self._params is None:
             raise RuntimeError("SourceConfig was not resolved; build it with RetrievalConfig.load")
         return self._params
 
 
 class RetrievalConfig(_Model):
-    k: Int = Field(1000, ge=1, le=1_000_000)
-    deadline_ms: Float = Field(50.0, gt=0, le=60_000)
-    artifacts: Path | None = None
-    events: EventsConfig = Field(default_factory=EventsConfig)
-    blend: BlendConfig = Field(default_factory=BlendConfig)
-    breaker: BreakerConfig = Field(default_factory=BreakerConfig)
-    store: StoreConfig = Field(default_factory=StoreConfig)
-    limits: LimitsConfig = Field(default_factory=LimitsConfig)
-    sources: list[SourceConfig]
+    """A whole config file: what to retrieve (``k``, ``deadline_ms``), where the build is, how
+    the log reads, how the blend merges, the store, request limits and the sources.
+
+    Build it with ``load_config(path)`` or ``RetrievalConfig.load(data)``: they also resolve
+    each source's ``params`` and run the checks across fields.
+    """
+
+    k: Int = Field(
+        1000,
+        ge=1,
+        le=1_000_000,
+        description="Candidates per blend (a request's `k` overrides it): about what a "
+        "second-stage ranker scores.",
+    )
+    deadline_ms: Float = Field(
+        50.0,
+        gt=0,
+        le=60_000,
+        description="Budget of one blend, in ms (a request's `deadline_ms` overrides it); "
+        "sources still running then are abandoned and reported `timeout`. The default is the "
+        "first stage's share of an online request, well above what the built-in sources take.",
+    )
+    artifacts: Path | None = Field(
+        None,
+        description="The build directory to serve from (`retrieval build --out`), relative to the "
+        "config file; required when a source learns from data.",
+    )
+    events: EventsConfig = Field(
+        default_factory=EventsConfig, description="The event log's columns and weights."
+    )
+    blend: BlendConfig = Field(
+        default_factory=BlendConfig, description="How the sources' lists are merged."
+    )
+    breaker: BreakerConfig = Field(
+        default_factory=BreakerConfig, description="The per-source circuit breaker."
+    )
+    store: StoreConfig = Field(
+        default_factory=StoreConfig, description="The online store (history, live counters)."
+    )
+    limits: LimitsConfig = Field(
+        default_factory=LimitsConfig, description="Caps on what one request may carry."
+    )
+    sources: list[SourceConfig] = Field(
+        description="The candidate sources, at least one; config order is the merge order (and "
+        "the `quota` strategy's priority)."
+    )
 
     _origin: str = PrivateAttr(default="<config>")
     _base_dir: Path = PrivateAttr(default_factory=Path.cwd)
 
     @property
     def origin(self) -> str:
+        """Where the config came from (its file path, or ``<config>``), for messages."""
         return self._origin
 
     @property
@@ -211,10 +423,12 @@ class RetrievalConfig(_Model):
         return self._base_dir
 
     def resolve_path(self, path: Path | str) -> Path:
+        """``path`` with ``~`` expanded, made absolute against ``base_dir`` when relative."""
         p = Path(path).expanduser()
         return p if p.is_absolute() else (self._base_dir / p).resolve()
 
     def source(self, name: str) -> SourceConfig:
+        """The source named ``name``; KeyError when there is none."""
         for s in self.sources:
             if s.name == name:
                 return s

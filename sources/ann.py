@@ -13,8 +13,8 @@ opened (annoy segfaults on a wrong dimension or a damaged file), and the index r
 self-check query after loading. ``backend: auto`` (the default) serves small catalogues by exact
 search (``sources.ann_exact``) and larger ones from a faiss IVF index (``sources.ann_faiss``);
 annoy (``sources.ann_annoy``) stays an explicit choice: it cannot reach recall 0.95 at k = 1,000
-over millions of items within the budget (issue 6), and at 550k synthetic items its recall was
-0.50 of exact search at only 1.2x its speed (issue 10).
+over millions of items within the budget (issue 6), and where it was measured against exact
+search it had far lower recall at little more speed (issue 10; benchmarks/README.md).
 
 Each backend is a ``sources.vector_index.VectorIndex``: ``AnnSource`` opens one at load
 (``_open_index``, the one place that picks by backend) and only calls its ``search``.
@@ -35,7 +35,13 @@ import scipy.sparse as sp
 from pydantic import Field
 from threadpoolctl import threadpool_limits
 
-from retrieval.artifacts import ArtifactError, IdMap, require_finite, source_root
+from retrieval.artifacts import (
+    ArtifactError,
+    IdMap,
+    read_versioned_json,
+    require_finite,
+    source_root,
+)
 from retrieval.errors import InputError
 from retrieval.types import (
     DEFAULT_EVENT_WEIGHTS,
@@ -49,7 +55,7 @@ from sources.ann_annoy import AnnoySearch, build_annoy
 from sources.ann_exact import ExactSearch
 from sources.ann_faiss import FaissIVF, build_ivf
 from sources.base import Ranked, SkipSource, Source, SourceContext, SourceParams, register
-from sources.history import weighted_history
+from sources.history import sum_by_id, weighted_history
 from sources.vector_index import VectorIndex, unit_rows
 
 if TYPE_CHECKING:
@@ -60,19 +66,10 @@ __all__ = ["EXACT_MAX_ITEMS", "AnnParams", "AnnSource", "resolve_backend", "reso
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-# backend: auto serves exact search up to this many items and faiss IVF above: where exact
-# search is as fast as IVF at k = 1,000 within a ~2 ms budget, with recall 1 and no index.
-# `python benchmarks/ann_exact_vs_ivf.py --sizes 10000 50000 100000 200000 500000` on the
-# project's 2-core machine (shared), 64-d ALS-like vectors, one thread, IVF calibrated to 0.97;
-# latency p50/p99 ms (exact faiss IndexFlatIP was no faster than numpy at any size):
-#   items   exact numpy    faiss IVF    IVF recall@1000 vs exact
-#    10k    0.15 / 0.25    0.43 / 0.65  0.987
-#    50k    1.28 / 1.63    1.30 / 1.64  0.996
-#   100k    1.82 / 2.60    1.13 / 1.36  0.987
-#   200k    4.42 / 6.84    3.29 / 3.60  0.998
-#   500k   12.6 / 16.2     4.22 / 6.03  0.987
-# DIGINETICA's 43k ALS vectors (3,000 re-solved sessions): exact 0.81 / 1.57, IVF (nprobe 256 of
-# 1,001) 0.73 / 1.07 with recall 0.986 of exact; recall@1000 of the next item 0.9263 vs 0.9260.
+# backend: auto serves exact search up to this many items and faiss IVF above: up to here exact
+# search is as fast as a calibrated IVF index at k = 1,000, with recall 1 and no index; beyond,
+# IVF pulls ahead (`python benchmarks/ann_exact_vs_ivf.py`; the figures, and DIGINETICA's, are
+# in benchmarks/README.md).
 EXACT_MAX_ITEMS = 50_000
 SIDECAR = "ann.json"
 _FINITE_CHUNK = 262_144
@@ -93,27 +90,27 @@ class AnnParams(SourceParams):
     event log's item map (sorted external ids).
 
     ``user_vector`` picks the query for a user ALS trained on: ``history`` re-solves it from the
-    request's recent items whenever any are known (the trained factors average 90 days of
-    drifting taste: on the synthetic log, hit@1000 of the next item is 0.42 re-solved vs 0.02
-    trained); ``trained`` uses the trained factors unless the history is newer than the build.
+    request's recent items whenever any are known (the trained factors average the whole log's
+    drifting taste: re-solved vectors found many times more next items on the synthetic log);
+    ``trained`` uses the trained factors unless the history is newer than the build.
 
     History items stay candidates, ranked by their score like any other item (as the neighbour
     sources keep them; ``blend.exclude_seen`` is the filter that drops seen items): a re-solved
-    session ranks its own items high, and on DIGINETICA, where 24% of next items are re-visits,
-    dropping them cut recall@1000 from 0.926 to 0.698 (textbook ALS; implicit's ``recommend``
-    gives the same two figures with and without ``filter_already_liked_items``).
+    session ranks its own items high, and where many next items are re-visits (DIGINETICA)
+    dropping them costs much of the recall (textbook ALS: implicit's ``recommend`` loses the
+    same with ``filter_already_liked_items``).
     ``exclude_history: true`` drops them in the source. Seed items are never returned.
 
     ``metric``: unset means ``dot`` for ALS embeddings (ALS's own score: x_u . y_i is what it
     fits to the preference) and ``angular`` for user-supplied ones (two-tower vectors are usually
     trained for cosine); set it to override either. It is worth measuring per log: on
-    DIGINETICA cosine over the same ALS vectors found more next items (recall@1000 0.933 vs
-    0.926 at alpha 200, 0.915 vs 0.829 at alpha 40; dot favours long, popular vectors).
+    DIGINETICA cosine over the same ALS vectors found more next items than dot, which favours
+    long, popular vectors.
 
     ``alpha`` scales ALS's confidence (c = alpha x weighted count). The default is the 40 of Hu,
     Koren and Volinsky (2008), who introduced this model; 1 left the observed items barely
-    weighted above the unobserved ones. The best value depends on the log (200 on DIGINETICA):
-    ``retrieval tune`` searches it per log.
+    weighted above the unobserved ones. The best value depends on the log: ``retrieval tune``
+    searches it per log.
 
     ``backend``: ``auto`` is ``exact`` (every item scored; no index) up to ``EXACT_MAX_ITEMS``
     items, where that is as fast as faiss IVF at k = 1,000, and ``faiss`` above. ``faiss`` builds
@@ -240,6 +237,14 @@ def _solve_user(
     return np.asarray(np.linalg.solve(a, y.T @ c), dtype=np.float64)
 
 
+def _history_mean(
+    y: npt.NDArray[np.float64], w: npt.NDArray[np.floating[Any]]
+) -> npt.NDArray[np.float64]:
+    """The ``w``-weighted sum of the history items' unit vectors ``y`` (rows): the query for
+    given embeddings, which have no model to re-solve with (serving and calibration alike)."""
+    return np.asarray((w[:, None] * unit_rows(y, np.float64)).sum(axis=0), dtype=np.float64)
+
+
 def _calibration_queries(
     events: EventLog,
     items: npt.NDArray[Any],
@@ -273,14 +278,12 @@ def _calibration_queries(
         rows, w = rows[rows >= 0], w[rows >= 0]
         if rows.size == 0:
             continue
-        rows, inverse = np.unique(rows, return_inverse=True)  # repeats add up, as in serving
-        summed = np.bincount(inverse.ravel(), weights=w, minlength=rows.size)
+        rows, summed = sum_by_id(rows, w)  # repeats add up, as in serving
         y = np.asarray(items[rows], dtype=np.float64)
         if gram is not None:
             out.append(_solve_user(y, p.alpha * summed, gram, p.regularization))
-            continue
-        y /= np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
-        out.append((summed[:, None] * y).sum(axis=0))
+        else:
+            out.append(_history_mean(y, summed))
     if not out:
         return np.empty((0, items.shape[1]), dtype=np.float32)
     return np.asarray(out, dtype=np.float32)
@@ -367,15 +370,7 @@ class AnnSource(Source[AnnParams]):
         """The sidecar, checked (its common fields, then the backend's own: everything annoy
         would crash on) before any index file is opened."""
         path = directory / SIDECAR
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise ArtifactError(f"{path}: unreadable sidecar ({exc}); rebuild") from exc
-        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-            found = meta.get("format_version") if isinstance(meta, dict) else None
-            raise ArtifactError(
-                f"{path}: format_version {found!r}, this code reads {FORMAT_VERSION}; rebuild"
-            )
+        meta = read_versioned_json(path, FORMAT_VERSION, "ann sidecar")
         dims, n, metric = meta.get("dims"), meta.get("n_items"), meta.get("metric")
         if not isinstance(dims, int) or dims <= 0:
             raise ArtifactError(f"{path}: dims must be a positive integer, found {dims!r}")
@@ -482,14 +477,11 @@ class AnnSource(Source[AnnParams]):
             x = _solve_user(y, self.params.alpha * w, self._gram, self.params.regularization)
             how = "recalculated"
         else:
-            norms = np.linalg.norm(y, axis=1, keepdims=True)
-            x = (w[:, None] * y / np.where(norms > 0, norms, 1.0)).sum(axis=0)
+            x = unit_rows(_history_mean(y, w), np.float64)
             how = "history_mean"
         norm = float(np.linalg.norm(x))
         if not np.isfinite(norm) or norm == 0.0:
             raise SkipSource(f"no query vector: the {how} vector is degenerate")
-        if how == "history_mean":
-            x = x / norm
         return x.astype(np.float32), drop, how
 
     def _seed_rows(self, request: Request) -> npt.NDArray[np.int32]:

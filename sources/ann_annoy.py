@@ -1,10 +1,10 @@
 """The annoy backend of the ann source: random-projection trees, only when asked for.
 
 annoy cannot reach recall 0.95 at k = 1,000 over millions of items within the budget (issue 6),
-and at 550k synthetic items its recall was 0.50 of exact search at only 1.2x its speed (issue
-10), so ``backend: auto`` never picks it. It segfaults on a wrong dimension or a damaged file:
-``check_sidecar`` validates the sidecar against the index file before annoy opens it, and
-``AnnoySearch`` runs one self-check query after loading.
+and where it was measured against exact search it had far lower recall at little more speed
+(issue 10; benchmarks/README.md), so ``backend: auto`` never picks it. It segfaults on a wrong
+dimension or a damaged file: ``check_sidecar`` validates the sidecar against the index file
+before annoy opens it, and ``AnnoySearch`` runs one self-check query after loading.
 
 ``AnnoySearch`` is a ``sources.vector_index.VectorIndex``.
 """
@@ -35,9 +35,9 @@ def annoy_metric(metric: str) -> str:
     """angular is served as euclidean over unit vectors: the same ranking (|a-b|^2 = 2 - 2 cos),
     but annoy's euclidean splits have an offset, so they can cut a narrow cone of vectors.
 
-    ALS puts most long-tail items in such a cone (median pairwise cosine 0.96 on the synthetic
-    log); annoy's angular splits pass through the origin, fail there and fall back to random
-    sides: recall@1000 against exact search was 0.06 with angular, 0.47-0.86 with this.
+    ALS puts most long-tail items in such a cone (as on the synthetic log); annoy's angular
+    splits pass through the origin, fail there and fall back to random sides: its recall against
+    exact search collapsed with angular and recovered with this (benchmarks/README.md).
     """
     return "euclidean" if metric == "angular" else metric
 

@@ -3,8 +3,8 @@
 annoy needs to visit far more nodes than exact search to reach recall 0.95 at k = 1,000 (issue
 6); an inverted-file index scans only the ``nprobe`` lists nearest the query. Lists come from
 spherical k-means on a sample, then every list larger than ``_SPLIT_FACTOR`` x the mean is split
-by a k-means of its own members: clustered catalogues otherwise put 5-10x the mean in a few
-lists, and the queries that hit them set the p99.
+by a k-means of its own members: clustered catalogues otherwise put several times the mean in
+a few lists, and the queries that hit them set the p99.
 
 Storage is ``flat`` (float32, exact scores) or ``sq8`` (one byte per dimension, 4x smaller,
 scores approximate, so the best ``rerank`` candidates are re-scored exactly from the item
@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from retrieval.artifacts import ArtifactError
 from retrieval.types import Deadline
+from sources.ann_exact import exact_top_k
 from sources.vector_index import SELF_CHECK_TOL, scaled_to_deadline, unit_rows
 
 __all__ = [
@@ -38,7 +39,6 @@ __all__ = [
     "check_sidecar",
     "default_nlist",
     "default_nprobe",
-    "exact_top_k",
     "require_faiss",
 ]
 
@@ -69,21 +69,16 @@ def default_nlist(n: int) -> int:
 
 
 def default_nprobe(nlist: int, n: int, k: int = 1000) -> int:
-    """Lists to scan: enough to see ~40 k vectors, at least 1/32 of the lists (measured:
-    recall@1000 ~0.95 on clustered 64-d vectors at 1M; README "ANN backends")."""
+    """Lists to scan: enough to see ~40 k vectors, at least 1/32 of the lists (what clustered
+    vectors at 1M needed for recall@1000 near 0.95: benchmarks/README.md)."""
     per_list = max(n / max(nlist, 1), 1.0)
     want = max(math.ceil(40 * k / per_list), math.ceil(nlist / 32))
     return int(min(nlist, max(1, want)))
 
 
-def _unit(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.where(norms > 0, norms, 1.0)).astype(np.float32, copy=False)
-
-
 def _rows(x: npt.NDArray[Any], lo: int, hi: int, unit: bool) -> npt.NDArray[np.float32]:
     chunk = np.ascontiguousarray(x[lo:hi], dtype=np.float32)
-    return _unit(chunk) if unit else chunk
+    return unit_rows(chunk) if unit else chunk
 
 
 def _kmeans(faiss: Any, x: npt.NDArray[np.float32], k: int, spherical: bool, seed: int) -> Any:
@@ -157,7 +152,7 @@ def build_ivf(
     picks = np.sort(rng.choice(n, size=m, replace=False))
     sample = np.ascontiguousarray(x[picks], dtype=np.float32)
     if unit:
-        sample = _unit(sample)
+        sample = unit_rows(sample)
     want = min(want, max(1, m // 8))
     # dot (maximum inner product) also clusters on the unit sphere: the directions matter.
     centroids = _balanced_centroids(faiss, sample, want, spherical, seed, balance)
@@ -173,15 +168,15 @@ def build_ivf(
         )
         # SQ8 ranges trained on a fresh sample (the quantiser is the centroids above).
         train = np.ascontiguousarray(x[np.sort(rng.choice(n, min(n, 100_000), replace=False))])
-        index.train(_unit(train.astype(np.float32)) if unit else train.astype(np.float32))
+        index.train(unit_rows(train.astype(np.float32)) if unit else train.astype(np.float32))
     index.own_fields = False
     index.is_trained = True
     for lo in range(0, n, _ADD_CHUNK):
         index.add(_rows(x, lo, min(n, lo + _ADD_CHUNK), unit))
     calibration: dict[str, Any] = {}
     if queries is not None and queries.shape[0] > 0:
-        q = _unit(np.asarray(queries, np.float32)) if unit else np.asarray(queries, np.float32)
-        calibration = calibrate_nprobe(index, x, q, k, target_recall, unit)
+        q = unit_rows(queries) if unit else np.asarray(queries, np.float32)
+        calibration = calibrate_nprobe(index, x, q, k, target_recall, metric)
     faiss.write_index(index, str(path))
     sizes = np.array([index.invlists.list_size(i) for i in range(real)], dtype=np.int64)
     return {
@@ -196,58 +191,25 @@ def build_ivf(
     }
 
 
-def exact_top_k(
-    x: npt.NDArray[Any],
-    queries: npt.NDArray[np.float32],
-    k: int,
-    unit: bool,
-    l2: bool,
-    chunk_rows: int = 1 << 18,
-) -> npt.NDArray[np.int64]:
-    """Exact top ``k`` rows of ``x`` per query (inner product, or smallest L2), in row chunks so
-    a 10M-row memory map is never copied whole (each chunk: ~1 GB for 200 queries)."""
-    nq = queries.shape[0]
-    best_rows = np.empty((nq, 0), dtype=np.int64)
-    best = np.empty((nq, 0), dtype=np.float32)
-    sq = (queries * queries).sum(axis=1)[:, None] if l2 else None
-    for lo in range(0, x.shape[0], chunk_rows):
-        hi = min(x.shape[0], lo + chunk_rows)
-        chunk = _rows(x, lo, hi, unit)
-        s = queries @ chunk.T  # nq x chunk
-        if sq is not None:
-            s = 2.0 * s - (chunk * chunk).sum(axis=1)[None, :] - sq  # -|q - x|^2
-        prev = best.shape[1]
-        s = np.concatenate([best, s.astype(np.float32, copy=False)], axis=1)
-        keep = min(k, s.shape[1])
-        top = np.argpartition(-s, keep - 1, axis=1)[:, :keep]
-        best = np.take_along_axis(s, top, axis=1)
-        if prev:
-            old = np.take_along_axis(best_rows, np.minimum(top, prev - 1), axis=1)
-            best_rows = np.where(top < prev, old, lo + top - prev)
-        else:
-            best_rows = lo + top
-    return best_rows
-
-
 def calibrate_nprobe(
     index: Any,
     x: npt.NDArray[Any],
     queries: npt.NDArray[np.float32],
     k: int,
     target: float,
-    unit: bool,
+    metric: str,
 ) -> dict[str, Any]:
     """The smallest nprobe (doubling) whose mean recall@k against exact search reaches
     ``target`` on ``queries``: what a catalogue needs is measured at build, not assumed.
 
     How many lists a query must scan depends on how clustered the vectors are, not just on
-    their number: 16 of 4,284 lists gave recall 0.97 on the synthetic 32-d embeddings at 1M,
-    while clustered 64-d vectors needed 128 of 4,000 for 0.956 (README "ANN backends").
+    their number: at 1M items clustered vectors needed several times the lists the synthetic
+    embeddings did for the same recall (benchmarks/README.md).
     """
     faiss = require_faiss()
     nlist = int(faiss.extract_index_ivf(index).nlist)
     k = min(k, x.shape[0])
-    truth = exact_top_k(x, queries, k, unit, index.metric_type == faiss.METRIC_L2)
+    truth, _ = exact_top_k(x, queries, k, metric)
     tried: dict[int, float] = {}
     nprobe = 1
     while True:
@@ -308,7 +270,7 @@ class FaissIVF:
                 "damaged or from another build"
             )
         # MMAP_IFC maps the codes in place (zero copy); plain MMAP wraps them in on-disk lists
-        # that start prefetch threads per query: 5x slower here (3.7 vs 0.7 ms at nprobe 172).
+        # that start prefetch threads per query: several times slower (benchmarks/README.md).
         flag = getattr(self.faiss, "IO_FLAG_MMAP_IFC", self.faiss.IO_FLAG_MMAP)
         try:
             index = self.faiss.read_index(str(path), flag)

@@ -80,7 +80,7 @@ def _sessions(
         sess = events.sessions
         if sess.size and int(sess.min()) >= 0 and int(sess.max()) < 2**32:
             # The log is sorted by (user, time): a stable sort on one packed (user, session) key
-            # keeps time order inside sessions, 5x faster than a three-key lexsort.
+            # keeps time order inside sessions, several times faster than a three-key lexsort.
             key = (users.astype(np.int64) << 32) | sess
             order = np.argsort(key, kind="stable")
         else:
@@ -173,8 +173,9 @@ def _sum_pairs(
 ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int32], npt.NDArray[np.float64]]:
     """Duplicate (row, col) pairs summed, as CSR arrays sorted by (row, col).
 
-    scipy's COO -> CSR is a counting sort by row plus short per-row sorts: 3x faster than one
-    argsort of 40M packed keys, and a third of its memory.
+    scipy's COO -> CSR is a counting sort by row plus short per-row sorts: faster than one
+    argsort of the packed keys, in less memory (benchmarks/README.md). Not the sum-by-id kernel
+    (``sources.history.IdGroups``): this builds the sparse matrix the pairs are summed into.
     """
     m = sp.coo_matrix((vals, (rows, cols)), shape=(n_rows, n_cols)).tocsr()  # sums duplicates
     m.sort_indices()

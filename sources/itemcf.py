@@ -5,10 +5,10 @@ weighted as implicit's cosine, BM25 or TF-IDF nearest-neighbour model weights it
 similarity ``W^T W`` is computed one item range at a time by sparse_dot_topn, which keeps only
 each row's top k while it multiplies (C++, every core). implicit's own fit holds the whole
 catalogue's neighbours as 16-byte COO entries before converting them (4.8M items x 101: ~8 GB,
-on top of the decoded log); this bounds memory by the block, takes as long at 1M items (34.6 s
-each, benchmarks/itemcf_vs_implicit.py) and gives the same neighbours (tests/test_itemcf.py
-checks them against implicit's). The rows are stored in the co-visitation CSR format and
-served by the same aggregation (``sources.neighbours``).
+on top of the decoded log); this bounds memory by the block, takes as long
+(benchmarks/itemcf_vs_implicit.py; figures in benchmarks/README.md) and gives the same
+neighbours (tests/test_itemcf.py checks them against implicit's). The rows are stored in the
+co-visitation CSR format and served by the same aggregation (``sources.neighbours``).
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ neighbours of their recent items, each weighted by how recent/strong that histor
 sum is sparse (concatenate the rows, sum duplicates): no dense catalog-sized vector per request,
 which at 10M items would cost 40 MB and milliseconds of memset alone.
 
-History items stay candidates, scored like any other: re-visits are 20-45% of next items in
-session commerce, and the blend's ``exclude_seen`` is the one place that drops seen items. When
+History items stay candidates, scored like any other: re-visits are a large share of next items
+in session commerce, and the blend's ``exclude_seen`` is the one place that drops seen items. When
 the history's neighbours are fewer than ``k`` (a short session has a small neighbourhood), a
 second hop reads the rows of the best first-hop candidates and ranks their new neighbours below
 every first-hop one, so ``k`` never reorders the first-hop candidates.
@@ -28,7 +28,7 @@ from retrieval.ids import lookup_ids
 from retrieval.store.rows import Row
 from retrieval.types import Deadline, Request
 from sources.base import Ranked, Source, SourceContext, SourceParams
-from sources.history import weighted_history
+from sources.history import sum_by_id, top_k_order, weighted_history
 
 __all__ = [
     "Gathered",
@@ -44,11 +44,11 @@ __all__ = [
 # Below this many ms left, read only the few most important history items.
 _HURRY_MS = 2.0
 _HURRY_ITEMS = 5
-# Below this many ms left, skip the second hop (~1 ms at p50, ~2 ms at p90 for k = 1000 on
-# DIGINETICA).
+# Below this many ms left, skip the second hop (a few times what it costs at k = 1000 on
+# DIGINETICA: benchmarks/README.md).
 _EXPAND_MS = 5.0
 # The second hop reads enough rows for this many neighbours per missing candidate: rows of
-# related items overlap (4 per slot filled 85% of k = 1000 on DIGINETICA, 8 filled 95%).
+# related items overlap, so fewer left k unfilled on DIGINETICA (benchmarks/README.md).
 _EXPAND_READ = 8
 
 Gathered = tuple[npt.NDArray[Any], npt.NDArray[np.float64], npt.NDArray[np.int64]]
@@ -151,7 +151,7 @@ def first_hop(
         has = own > 0
         ids = np.concatenate([ids, items[has]])
         scores = np.concatenate([scores, own[has]])
-    uniq, summed = _sum(ids, scores)
+    uniq, summed = sum_by_id(ids, scores)
     if drop is not None and drop.size and uniq.size:
         keep = ~_isin_sorted(uniq, np.sort(drop))
         uniq, summed = uniq[keep], summed[keep]
@@ -192,7 +192,7 @@ def _second_hop(
     ids, raw, lengths = got
     top = _row_max(raw, lengths)
     norm = np.divide(seed_w, top, out=np.zeros_like(top), where=top > 0)
-    uniq, summed = _sum(ids, raw * np.repeat(norm, lengths))
+    uniq, summed = sum_by_id(ids, raw * np.repeat(norm, lengths))
     # first-hop items (the seeds among them) and dropped ids are not new
     keep = ~_isin_sorted(uniq, np.sort(best))
     if drop is not None and drop.size:
@@ -206,31 +206,11 @@ def _second_hop(
     return np.concatenate([best, new]), np.concatenate([out[1], scaled])
 
 
-def _sum(
-    ids: npt.NDArray[Any], scores: npt.NDArray[np.float64]
-) -> tuple[npt.NDArray[Any], npt.NDArray[np.float64]]:
-    """Sorted unique ``ids`` and the sum of each one's scores (one sort, no hashing)."""
-    if ids.size == 0:
-        return ids, np.empty(0, np.float64)
-    order = np.argsort(ids, kind="stable")
-    ids, scores = ids[order], scores[order]
-    first = np.empty(ids.size, dtype=bool)
-    first[0] = True
-    np.not_equal(ids[1:], ids[:-1], out=first[1:])
-    return ids[first], np.add.reduceat(scores, np.flatnonzero(first))
-
-
 def _top(
     uniq: npt.NDArray[Any], summed: npt.NDArray[np.float64], k: int
 ) -> tuple[npt.NDArray[Any], npt.NDArray[np.float64]]:
-    """The ``k`` best by score then smaller id (a partition first: k is small next to n)."""
-    if k <= 0:
-        return uniq[:0], summed[:0]
-    if uniq.size > k:
-        cut = np.argpartition(-summed, k - 1)[:k]
-        keep = np.flatnonzero(summed >= summed[cut].min())
-        uniq, summed = uniq[keep], summed[keep]
-    order = np.lexsort((uniq, -summed))[:k]
+    """The ``k`` best by score then smaller id."""
+    order = top_k_order(summed, uniq, k)
     return uniq[order], summed[order]
 
 
@@ -272,8 +252,9 @@ def top_k_per_row(
     """A CSR keeping each row's ``k`` largest values, sorted descending (ties: smaller column).
 
     One stable sort of a packed ``(row, descending float32 score)`` key instead of a three-key
-    lexsort, which took 45 s on item-CF's 45M similarities. Both builders pass entries already in
-    (row, column) order, so the pre-sort that sends ties to the smaller column is then skipped.
+    lexsort, which was the slowest step of item-CF's build at 1M items. Both builders pass
+    entries already in (row, column) order, so the pre-sort that sends ties to the smaller
+    column is then skipped.
     """
     rows = np.asarray(row_ids, dtype=np.int64)
     cols = np.asarray(col_ids)

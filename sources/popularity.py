@@ -22,7 +22,17 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
-from retrieval.artifacts import CSR, ArtifactError, IdMap, load_csr, save_csr, source_root
+from retrieval.artifacts import (
+    CSR,
+    REBUILD,
+    ArtifactError,
+    IdMap,
+    load_csr,
+    read_json_object,
+    read_versioned_json,
+    save_csr,
+    source_root,
+)
 from retrieval.errors import InputError
 from retrieval.types import (
     DEFAULT_EVENT_WEIGHTS,
@@ -32,6 +42,7 @@ from retrieval.types import (
     event_weight_vector,
 )
 from sources.base import Ranked, Source, SourceContext, SourceParams, register
+from sources.history import IdGroups, sum_by_id, top_k_order
 
 if TYPE_CHECKING:
     from retrieval.offline.events import EventLog
@@ -42,7 +53,6 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _DAY_S = 86_400.0
-_DENSE_KEYS_LIMIT = 1 << 25  # a bincount of this many float64 slots is 256 MB: beyond, np.unique
 
 
 class PopularityParams(SourceParams):
@@ -69,27 +79,12 @@ def _aggregate(
 ) -> tuple[npt.NDArray[np.int64], list[npt.NDArray[np.float64]]]:
     """Sum each value array per (row, item) key; keys come back sorted and with any event.
 
-    A packed int64 key keeps this one vectorised pass: a dense bincount when rows x items is
-    small, else ``np.unique`` over the keys that occur.
+    A packed int64 key keeps this one vectorised pass of the sum-by-id kernel (``IdGroups``:
+    a dense count when rows x items is small, else one sort of the keys that occur).
     """
     key = rows * np.int64(n_items) + items.astype(np.int64)
-    if n_rows * n_items <= max(_DENSE_KEYS_LIMIT, 4 * key.size):
-        counts = np.bincount(key, minlength=n_rows * n_items)
-        present = np.flatnonzero(counts)
-        sums: list[npt.NDArray[np.float64]] = [
-            np.bincount(key, weights=v, minlength=n_rows * n_items)[present].astype(
-                np.float64, copy=False
-            )
-            for v in values
-        ]
-        return present.astype(np.int64), sums
-    uniq, inverse = np.unique(key, return_inverse=True)
-    inverse = inverse.ravel()
-    sums = [
-        np.bincount(inverse, weights=v, minlength=uniq.size).astype(np.float64, copy=False)
-        for v in values
-    ]
-    return uniq, sums
+    groups = IdGroups(key, n_ids=n_rows * n_items)
+    return groups.ids.astype(np.int64, copy=False), [groups.sum(v) for v in values]
 
 
 def _top_rows(
@@ -147,20 +142,8 @@ class PopularitySource(Source[PopularityParams]):
         # Resolved once and checked (stamp, checksums, id maps) before anything is read.
         root = source_root(Path(context.artifacts), name)
         self.dir = root / name
-        meta_path = self.dir / "popularity.json"
-        try:
-            meta = json.loads(meta_path.read_text())
-            segments = json.loads((self.dir / "segments.json").read_text())
-        except (OSError, ValueError) as exc:
-            raise ArtifactError(
-                f"{meta_path.parent}: unreadable popularity artifacts: {exc}"
-            ) from exc
-        if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(
-                f"{meta_path}: format_version "
-                f"{meta.get('format_version') if isinstance(meta, dict) else None!r}, "
-                f"this code reads {FORMAT_VERSION}; rebuild the artifacts"
-            )
+        meta = read_versioned_json(self.dir / "popularity.json", FORMAT_VERSION, "popularity meta")
+        segments = read_json_object(self.dir / "segments.json", "popularity segment rows")
         self.csr = load_csr(self.dir, mmap=True)
         self.item_ids = IdMap.load(root / "ids" / "items.npy", mmap=True)
         try:
@@ -170,8 +153,7 @@ class PopularitySource(Source[PopularityParams]):
             }
         except (AttributeError, TypeError, ValueError):
             raise ArtifactError(
-                f"{self.dir / 'segments.json'}: expected {{segment: {{value: row}}}}, found "
-                f"{type(segments).__name__}; rebuild the artifacts"
+                f"{self.dir / 'segments.json'}: expected {{segment: {{value: row}}}}; {REBUILD}"
             ) from None
         self.meta = meta
 
@@ -241,9 +223,8 @@ class PopularitySource(Source[PopularityParams]):
             return ids[:k], scores[:k].astype(np.float32, copy=False)
         all_ids = np.concatenate([ids, live_ids]) if ids.size else live_ids
         all_scores = np.concatenate([scores.astype(np.float64), live_scores])
-        uniq, inverse = np.unique(all_ids, return_inverse=True)
-        total = np.bincount(inverse.ravel(), weights=all_scores, minlength=uniq.size)
-        order = np.argsort(-total, kind="stable")[:k]
+        uniq, total = sum_by_id(all_ids, all_scores)
+        order = top_k_order(total, uniq, k)
         return uniq[order], total[order].astype(np.float32)
 
     @classmethod
@@ -283,7 +264,7 @@ class PopularitySource(Source[PopularityParams]):
         del age, w
         items = np.asarray(events.items)
         # One pass per list family (global, then each segment column), each ranked on its own:
-        # concatenating every family's events first held ~10 GB of copies at 100M events.
+        # concatenating every family's events first held several copies of a 100M-event log.
         families: list[tuple[npt.NDArray[np.int64] | None, int]] = [(None, 1)]
         mapping: dict[str, dict[str, int]] = {}
         n_rows = 1

@@ -1,8 +1,8 @@
 """The user's own recent items, ranked by recency, frequency and event weight.
 
-Re-visits are a large share of next items in session commerce (20-45% in public session data
-sets), so a list of what the user just looked at is a strong, nearly free source. It has nothing to
-build: everything it needs is the request's history.
+Re-visits are a large share of next items in session commerce (public session data sets:
+benchmarks/README.md), so a list of what the user just looked at is a strong, nearly free
+source. It has nothing to build: everything it needs is the request's history.
 
 Note: with the blender's ``exclude_seen`` on (the default) every item this source returns is
 filtered out as already seen, so the source is inert; use it with ``exclude_seen: false``.

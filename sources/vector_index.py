@@ -13,7 +13,7 @@ faiss's ``nprobe``) can turn it down when little time is left.
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -53,10 +53,12 @@ class VectorIndex(Protocol):
     def close(self) -> None: ...
 
 
-def unit_rows(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    """``x`` (one vector or rows of them) scaled to unit length; zero vectors stay zero."""
+def unit_rows(x: npt.ArrayLike, dtype: type[np.floating[Any]] = np.float32) -> npt.NDArray[Any]:
+    """``x`` (one vector or rows of them) scaled to unit length, as ``dtype``; zero vectors stay
+    zero. The one normalisation: items, queries, calibration queries and history means."""
+    x = np.asarray(x)
     norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.where(norms > 0, norms, 1.0)).astype(np.float32, copy=False)
+    return (x / np.where(norms > 0, norms, 1.0)).astype(dtype, copy=False)
 
 
 def scaled_to_deadline(full: int, deadline: Deadline | None, floor: int) -> int:

@@ -16,7 +16,7 @@ from retrieval.offline.events import EventLog
 from retrieval.testing.contract import SourceContract
 from retrieval.types import Deadline, Request
 from sources.ann import EXACT_MAX_ITEMS, AnnParams, resolve_backend
-from sources.ann_exact import ExactSearch
+from sources.ann_exact import ExactSearch, exact_top_k
 from sources.ann_faiss import FaissIVF
 from sources.base import SkipSource
 from sources.history import weighted_history
@@ -307,3 +307,26 @@ def test_history_resolve_is_implicits_recalculate_user(tmp_path, als_log, decay)
 def test_default_params_are_the_documented_ones():
     p = AnnParams()
     assert (p.backend, p.metric, p.alpha, p.factors) == ("auto", None, 40.0, 64)
+
+
+@pytest.mark.parametrize("metric", ["dot", "angular", "euclidean"])
+def test_one_exact_search_batched_by_chunks_answers_as_serving_does(tmp_path, metric):
+    """``exact_top_k`` is the one exact search: a batch of queries over a matrix read in chunks
+    (the faiss build's recall reference) gives the rows and scores serving's ``ExactSearch``
+    gives one query at a time, best first."""
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(1000, 8)).astype(np.float32)
+    x[3] = 0.0  # a zero row: cosine 0, never a NaN
+    q = rng.normal(size=(6, 8)).astype(np.float32)
+    if metric == "angular":
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+    rows, scores = exact_top_k(x, q, 40, metric, chunk_rows=97)
+    assert rows.shape == scores.shape == (6, 40) and rows.dtype == np.int64
+    serving = ExactSearch(x, metric, tmp_path / "item_factors.npy")
+    for i, v in enumerate(q):
+        one_rows, one_scores = serving.search(v, 40)
+        assert rows[i].tolist() == one_rows.tolist()
+        assert scores[i] == pytest.approx(one_scores, rel=1e-5, abs=1e-6)
+        assert (np.diff(scores[i]) <= 0).all()
+    assert exact_top_k(x, q[0], 0, metric)[0].shape == (0,)
+    assert exact_top_k(x, q[0], 5000, metric)[0].size == 1000

@@ -13,7 +13,8 @@ from retrieval.artifacts import ArtifactError
 from retrieval.testing.contract import SourceContract
 from retrieval.types import Deadline, Request
 from sources.ann import AnnSource
-from sources.ann_faiss import default_nlist, default_nprobe, exact_top_k
+from sources.ann_exact import exact_top_k
+from sources.ann_faiss import default_nlist, default_nprobe
 from tests.test_ann import DIMS, N_ITEMS, T0, build, open_source, write_events
 
 pytest.importorskip("faiss")
@@ -144,10 +145,12 @@ def test_exact_top_k_by_chunks_matches_a_full_sort(l2):
     rng = np.random.default_rng(4)
     x = rng.normal(size=(1000, 8)).astype(np.float32)
     q = rng.normal(size=(5, 8)).astype(np.float32)
-    got = exact_top_k(x, q, 50, unit=False, l2=l2, chunk_rows=64)
-    for row, qq in zip(got, q, strict=True):
+    got, scores = exact_top_k(x, q, 50, "euclidean" if l2 else "dot", chunk_rows=64)
+    for row, row_scores, qq in zip(got, scores, q, strict=True):
         score = -np.linalg.norm(x - qq, axis=1) if l2 else x @ qq
         assert set(row.tolist()) == set(np.argsort(-score)[:50].tolist())
+        assert row_scores == pytest.approx(score[row], rel=1e-4, abs=1e-4)  # best first
+        assert (np.diff(row_scores) <= 0).all()
 
 
 def test_nprobe_is_calibrated_at_build_to_the_target_recall(tmp_path, log):

@@ -86,7 +86,7 @@ def test_ablend(config_path):
 
 
 def test_cli_validate_ok_and_bad(config_path, tmp_path, capsys):
-    assert main(["validate", str(config_path)]) == 0
+    assert main(["validate", str(config_path), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["k"] == 5 and out["sources"][0]["name"] == "lists"
     bad = tmp_path / "bad.yaml"

@@ -21,6 +21,7 @@ from retrieval.artifacts import (
     load_csr,
     open_artifacts,
     params_hash,
+    read_versioned_json,
     save_csr,
 )
 
@@ -298,3 +299,23 @@ def test_a_bumped_build_version_refuses_builds_of_the_older_builder() -> None:
     assert params_hash("itemcf", build_params_hash_input(new)) != params_hash(
         "itemcf", build_params_hash_input(old)
     )
+
+
+def test_the_one_versioned_json_reader_names_file_versions_and_remedy(tmp_path: Path) -> None:
+    path = tmp_path / "thing.json"
+    path.write_text(json.dumps({"format_version": 3, "x": 1}))
+    assert read_versioned_json(path, 3, "thing") == {"format_version": 3, "x": 1}
+    cases = {
+        json.dumps({"format_version": 4}): r"thing format_version 4, but this code reads "
+        r"format_version 3; rebuild with `retrieval build`",
+        json.dumps({"x": 1}): r"thing format_version None, but this code reads format_version 3",
+        json.dumps({"format_version": True}): r"format_version True",
+        "[1, 2]": r"expected a JSON object \(thing\), found list",
+        "{not json": r"thing is not valid JSON",
+    }
+    for text, message in cases.items():
+        path.write_text(text)
+        with pytest.raises(ArtifactError, match=rf"thing\.json: .*{message}"):
+            read_versioned_json(path, 3, "thing")
+    with pytest.raises(ArtifactError, match=r"nope\.json: missing thing; rerun it"):
+        read_versioned_json(tmp_path / "nope.json", 3, "thing", remedy="rerun it")

@@ -40,7 +40,8 @@ def test_bench_json_has_the_documented_keys(tmp_path, capsys):
     assert main(["build", str(cfg), "--events", str(log)]) == 0
     out = tmp_path / "bench.json"
     args = ["bench", str(cfg), "--artifacts", str(tmp_path / "build"), "--events", str(log)]
-    args += ["--requests", "60", "--concurrency", "2", "--exact-queries", "20", "--json", str(out)]
+    args += ["--requests", "60", "--concurrency", "2", "--exact-queries", "20"]
+    args += ["--json-out", str(out)]
     assert main(args) == 0
     d = json.loads(out.read_text())
     for key in ("requests", "concurrency", "p50_ms", "p95_ms", "p99_ms", "qps", "rss_mb"):
@@ -74,7 +75,7 @@ def test_bench_json_has_the_documented_keys(tmp_path, capsys):
     )
     # two serving processes over the same artifacts: every request answered once, in one of them
     args = ["bench", str(cfg), "--artifacts", str(tmp_path / "build"), "--events", str(log)]
-    args += ["--requests", "40", "--processes", "2", "--exact-queries", "0", "--json", str(out)]
+    args += ["--requests", "40", "--processes", "2", "--exact-queries", "0", "--json-out", str(out)]
     assert main(args) == 0
     d = json.loads(out.read_text())
     assert d["processes"] == 2 and d["requests"] == 40 and d["qps"] > 0

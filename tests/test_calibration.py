@@ -5,6 +5,7 @@ import pytest
 
 from blender.calibration import Calibration, RankCurve, fit_curve, isotonic_decreasing
 from blender.merge import SourceList, merge
+from retrieval.errors import ArtifactError
 
 
 def test_isotonic_pools_violators():
@@ -29,10 +30,13 @@ def test_calibration_round_trip_and_missing_curve(tmp_path):
     cal.save(path)
     back = Calibration.load(path, ["a"])
     assert back.curves["a"].p == (0.3, 0.1) and back.users == 7
-    with pytest.raises(ValueError, match="no curve for sources"):
+    with pytest.raises(ArtifactError, match="no curve for sources"):
         Calibration.load(path, ["a", "b"])
-    with pytest.raises(ValueError, match="retrieval calibrate"):
+    with pytest.raises(ArtifactError, match=r"nope\.json: missing calibration.*calibrate"):
         Calibration.load(tmp_path / "nope.json", ["a"])
+    path.write_text('{"format_version": 99, "curves": {}}')
+    with pytest.raises(ArtifactError, match=r"format_version 99.*reads format_version 1.*rerun"):
+        Calibration.load(path, ["a"])
 
 
 def sl(ids, curve, quota=None):

@@ -137,7 +137,7 @@ def test_cli_eval_json(files, tmp_path, capsys):
             "200",
             "--k",
             "1,3",
-            "--json",
+            "--json-out",
             str(out),
         ]
     )

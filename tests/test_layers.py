@@ -15,7 +15,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # Lowest first. A module may import its own layer or any lower one, at module level.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("ground", ("retrieval.errors", "retrieval.ids", "retrieval.types", "retrieval.redact")),
+    (
+        "ground",
+        (
+            "retrieval.errors",
+            "retrieval.ids",
+            "retrieval.types",
+            "retrieval.redact",
+            "retrieval.version",
+        ),
+    ),
     ("contract", ("sources.base", "sources.vector_index", "sources.history", "retrieval.config")),
     ("state and formats", ("retrieval.artifacts", "retrieval.store")),
     ("sources and blender", ("sources", "blender")),

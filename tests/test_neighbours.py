@@ -5,6 +5,7 @@ import pytest
 
 from retrieval.artifacts import CSR
 from retrieval.types import Deadline
+from sources.history import IdGroups, sum_by_id, top_k_order
 from sources.neighbours import aggregate, top_k_per_row
 
 
@@ -96,3 +97,33 @@ def test_top_k_per_row_matches_a_lexsort_reference():
         assert csr.row(i)[0].tolist() == c[mine][:7].tolist()
         assert csr.row(i)[1].tolist() == v[mine][:7].astype(np.float32).tolist()
     assert csr.indptr[-1] == csr.nnz and csr.n_rows == 60
+
+
+def test_the_one_sum_by_id_kernel_counts_or_sorts_to_the_same_bits():
+    """``IdGroups``: sorted distinct ids and float64 sums in input order, whether it sorts or
+    (ints below ``n_ids``) counts; ``inverse`` maps every input back to its id."""
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, 500, 5000)
+    w = rng.random(5000)
+    sorted_, counted = IdGroups(ids), IdGroups(ids, n_ids=500)
+    assert sorted_._inverse is not None and counted._inverse is None  # both paths taken
+    assert np.array_equal(sorted_.ids, counted.ids) and np.array_equal(sorted_.ids, np.unique(ids))
+    assert np.array_equal(sorted_.sum(w), counted.sum(w))  # bit for bit
+    assert np.array_equal(sorted_.ids[sorted_.inverse], ids)
+    assert np.array_equal(counted.ids[counted.inverse], ids)
+    expected = {}
+    for i, x in zip(ids.tolist(), w.tolist(), strict=True):  # Python's sum, in input order
+        expected[i] = expected.get(i, 0.0) + x
+    assert sorted_.sum(w).tolist() == [expected[i] for i in sorted_.ids.tolist()]
+    uniq, total = sum_by_id(np.array(["b", "a", "b"]), np.array([1.0, 2.0, 3.0]))
+    assert uniq.tolist() == ["a", "b"] and total.tolist() == [2.0, 4.0]
+    uniq, total = sum_by_id(np.empty(0, np.int64), np.empty(0))
+    assert uniq.size == 0 and total.dtype == np.float64
+
+
+def test_top_k_order_breaks_ties_by_the_smaller_id():
+    scores = np.array([1.0, 3.0, 3.0, 2.0, 3.0])
+    ids = np.array([10, 40, 20, 30, 50])
+    assert top_k_order(scores, ids, 2).tolist() == [2, 1]  # ids 20, 40 of the three 3.0s
+    assert top_k_order(scores, ids, 0).size == 0
+    assert top_k_order(scores, ids, 9).tolist() == [2, 1, 4, 3, 0]

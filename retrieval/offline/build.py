@@ -28,6 +28,7 @@ from retrieval.artifacts import (
 from retrieval.config import RetrievalConfig, SourceConfig
 from retrieval.errors import InputError
 from retrieval.offline.events import EventLog, read_events
+from retrieval.version import __version__
 
 __all__ = [
     "BuildRow",
@@ -37,7 +38,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-PACKAGE_VERSION = "0.1.0"
 _ID_MAPS = ("ids/items.npy", "ids/users.npy")
 
 
@@ -95,7 +95,7 @@ def build(
         "read %d events from %s in %.1fs", len(events), events_path, time.perf_counter() - t0
     )
     manifest = Manifest(
-        package_version=PACKAGE_VERSION,
+        package_version=__version__,
         input=fingerprint(events_path),
         counts={
             "events": len(events),

@@ -1,9 +1,10 @@
 """Reading and validating event logs (CSV or Parquet) into dense, sorted numpy columns.
 
-Everything is columnar (pyarrow reads and dictionary-encodes, numpy sorts), so 100M events cost
-seconds per column and no Python object per event. Every problem is found before anything is
-returned, and reported with the file, the column and a sample bad row, because the person who
-reads the message is looking at the file, not at our code.
+Everything is columnar (pyarrow reads and dictionary-encodes, numpy sorts), so a log's cost is a
+few vectorised passes per column and no Python object per event (figures at scale:
+``benchmarks/README.md``). Every problem is found before anything is returned, and reported with
+the file, the column and a sample bad row, because the person who reads the message is looking
+at the file, not at our code.
 """
 
 from __future__ import annotations
@@ -173,8 +174,8 @@ def read_events(
     for seg in seg_codes:
         seg_codes[seg] = seg_codes[seg][order]
     del order
-    # Arrow's allocator keeps what decoding freed for reuse (2.9 GB at 100M events), and every
-    # builder's peak would sit on top of it: hand it back to the OS.
+    # Arrow's allocator keeps what decoding freed for reuse (gigabytes on a large log; figure in
+    # benchmarks/README.md), and every builder's peak would sit on top of it: hand it back.
     pa.default_memory_pool().release_unused()
     return EventLog(
         users=users,
@@ -370,8 +371,9 @@ def _encode_ids(ctx: _Ctx, column: str) -> tuple[npt.NDArray[np.int32], IdMap]:
         except pa.ArrowException as exc:
             ctx.fail(column, 0, f"has bytes that are not UTF-8 text ({exc}); {_ID_RULE}")
     if not pa.types.is_dictionary(arr.type):
-        # Mostly a CSV column: check the rows themselves, because hashing 10M strings costs
-        # several times hashing their ints; only a column of strings gets dictionary-encoded.
+        # Mostly a CSV column: check the rows themselves, because hashing the strings costs
+        # more than hashing the ints they spell (benchmarks/README.md); only a column of
+        # strings gets dictionary-encoded.
         ints = _int_texts(ctx, column, arr, None)
         if ints is not None:
             codes, dictionary = _dict_parts(ints)

@@ -8,9 +8,10 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import math
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,22 +21,50 @@ from threadpoolctl import threadpool_limits
 
 from blender.breaker import CircuitBreaker
 from blender.calibration import CALIBRATION_FILE, Calibration
-from blender.fanout import Blender, RequestLimits, SourceSlot
+from blender.fanout import BlendContext, Blender, RequestLimits, SourceSlot
 from blender.filters import load_blocklist
 from retrieval.artifacts import check_built, open_artifacts, prefetch_page_cache, resolve_build
 from retrieval.config import ConfigError, RetrievalConfig, load_config
+from retrieval.errors import InputError
+from retrieval.ids import check_id
 from retrieval.store import Event, MemoryStore, Store
 from retrieval.store.cache import CacheFormatError, cache_key, decode_result, encode_result
 from retrieval.types import CandidateSet, Deadline, ItemId, Request, SourceStatus, UserId
 from sources.base import Need, Source, SourceContext, SourceParams
 
-__all__ = ["Retriever", "blend", "make_blender"]
+__all__ = ["SERVING_STEPS", "Retriever", "blend", "make_blender"]
 
 logger = logging.getLogger(__name__)
 
 # The longest a new Retriever waits for its artifacts to be read into the page cache (10M
 # items: ~7 GB; a cold start without it timed every source out).
 _PREFETCH_WAIT_S = 120.0
+
+SERVING_STEPS: tuple[str, ...] = (
+    "request",
+    "gate",
+    "prepare",
+    "cache_get",
+    "blend",
+    "finish",
+    "cache_put",
+)
+"""A served blend's steps, in order; each is the ``Retriever`` method of the same name with a
+leading underscore (``request``: ``_as_request``; ``blend``: the blender's own ``STEPS``).
+
+    request    the typed keywords (or a Request) as one checked Request
+    gate       the blender's context: a request over the limits is refused before the store is
+               read; k, the budget and the deadlines are derived once, here
+    prepare    the one store read (history, live popular lists), within the time left
+    cache_get  a cached result for the same request, when the cache is on (a hit skips to finish)
+    blend      the blender's steps (``blender.fanout.STEPS``); the sources' clocks start here
+    finish     the store's status and the elapsed time on the caller's clock
+    cache_put  a complete answer written to the cache off the request path
+
+``blend`` and ``ablend`` run one core (``Retriever._serve``): it yields each step that waits (the
+store and cache reads, the blend) and its driver runs that step, ``blend`` in place and
+``ablend`` off the event loop.
+"""
 
 
 class Retriever:
@@ -107,7 +136,50 @@ class Retriever:
     def from_yaml(cls, path: str | Path, *, store: Store | None = None) -> Retriever:
         return cls(load_config(path), store=store)
 
-    # -- serving ---------------------------------------------------------------------------
+    # -- serving: the request path, as named steps (``SERVING_STEPS``) ----------------------
+
+    def blend(
+        self,
+        request: Request | None = None,
+        *,
+        user_id: UserId | None = None,
+        history: Sequence[ItemId] | None = None,
+        seed_items: Sequence[ItemId] | None = None,
+        context: Mapping[str, str] | None = None,
+        exclude: Iterable[ItemId] | None = None,
+        k: int | None = None,
+        deadline_ms: float | None = None,
+        vector: npt.ArrayLike | None = None,
+    ) -> CandidateSet:
+        """Up to k deduplicated candidates within the deadline, whatever the sources and the
+        store do. Pass a ``Request`` or its fields as keywords, not both; a keyword of the
+        wrong type raises ``InputError`` naming it."""
+        started = time.monotonic()
+        request = _as_request(
+            request, user_id, history, seed_items, context, exclude, k, deadline_ms, vector
+        )
+        return self._run(self._serve(request, started))
+
+    async def ablend(
+        self,
+        request: Request | None = None,
+        *,
+        user_id: UserId | None = None,
+        history: Sequence[ItemId] | None = None,
+        seed_items: Sequence[ItemId] | None = None,
+        context: Mapping[str, str] | None = None,
+        exclude: Iterable[ItemId] | None = None,
+        k: int | None = None,
+        deadline_ms: float | None = None,
+        vector: npt.ArrayLike | None = None,
+    ) -> CandidateSet:
+        """The asyncio twin of ``blend``: the store read and the sources run on the pool, so
+        the loop is never blocked."""
+        started = time.monotonic()
+        request = _as_request(
+            request, user_id, history, seed_items, context, exclude, k, deadline_ms, vector
+        )
+        return await self._arun(self._serve(request, started))
 
     def request(
         self,
@@ -115,75 +187,80 @@ class Retriever:
         *,
         user_id: UserId | None = None,
         history: Sequence[ItemId] | None = None,
-        seed_items: Sequence[ItemId] = (),
+        seed_items: Sequence[ItemId] | None = None,
         context: Mapping[str, str] | None = None,
-        exclude: Iterable[ItemId] = (),
+        exclude: Iterable[ItemId] | None = None,
         k: int | None = None,
         deadline_ms: float | None = None,
         vector: npt.ArrayLike | None = None,
     ) -> Request:
         """The request ``blend`` will serve: the store fills in history the caller left out,
         and the live popular lists the sources will read."""
-        request = self._request(
+        request = _as_request(
             request, user_id, history, seed_items, context, exclude, k, deadline_ms, vector
         )
-        return self._prepare(request, time.monotonic())[0]
+        ctx = self._gate(request, time.monotonic())
+        self._prepare(ctx)
+        return ctx.request
 
-    def _request(
-        self,
-        request: Request | None,
-        user_id: UserId | None = None,
-        history: Sequence[ItemId] | None = None,
-        seed_items: Sequence[ItemId] = (),
-        context: Mapping[str, str] | None = None,
-        exclude: Iterable[ItemId] = (),
-        k: int | None = None,
-        deadline_ms: float | None = None,
-        vector: npt.ArrayLike | None = None,
-    ) -> Request:
-        """The caller's request, refused before any store read when it is over the limits (a
-        100k-id exclude list would otherwise ask the store for 100k popular items first)."""
-        if request is None:
-            request = Request(
-                user_id=user_id,
-                history=tuple(history or ()),
-                seed_items=tuple(seed_items),
-                context=dict(context or {}),
-                exclude=frozenset(exclude),
-                k=k,
-                deadline_ms=deadline_ms,
-                vector=None if vector is None else np.asarray(vector, dtype=np.float32),
-            )
-        self._blender.limits.check(request)
-        return request
+    def _serve(
+        self, request: Request, started: float
+    ) -> Generator[_Io | BlendContext, Any, CandidateSet]:
+        """The steps of ``SERVING_STEPS`` after "request", in order, for ``blend`` and
+        ``ablend`` alike: each step that waits is yielded for the driver to run."""
+        ctx = self._gate(request, started)
+        failures = self._store_failures()
+        read_ok: bool = yield _Io(self._prepare, ctx)
+        key = self._cache_key(ctx)
+        if key is not None:
+            hit: CandidateSet | None = yield _Io(self._cache_get, key, ctx)
+            if hit is not None:
+                return self._finish(hit, read_ok, ctx)
+        # The sources' clocks start now, after the store reads, so a slow store read is the
+        # store's fault (``degraded``), never a source's timeout nor a failure its breaker
+        # counts. The deadline stays the caller's, so the blend still ends when it says.
+        ctx.sources_started = time.monotonic()
+        result: CandidateSet = yield ctx
+        read_ok = read_ok and self._store_failures() == failures
+        result = self._finish(result, read_ok, ctx)
+        if key is not None:
+            self._cache_put(key, result)
+        return result
 
-    def _prepare(self, request: Request, started: float) -> tuple[Request, bool]:
+    def _gate(self, request: Request, started: float) -> BlendContext:
+        """The blender's context for ``request``, refused before any store read when it is
+        over the limits (a 100k-id exclude list would otherwise ask the store for 100k popular
+        items first)."""
+        return self._blender.context(request, started)
+
+    def _prepare(self, ctx: BlendContext) -> bool:
         """All the store reads this blend needs, in ONE ``fetch`` bounded by the time left
-        before the deadline minus a reserve for the sources; never raises. Returns the filled
-        request and whether the read succeeded."""
+        before the deadline minus a reserve for the sources; never raises. Fills in the
+        context's request and returns whether the read succeeded."""
+        request = ctx.request
         store_cfg = self.config.store
         want_history = request.user_id is not None and not request.history
         want_history = want_history and store_cfg.history_len > 0
-        k = request.k or self.config.k
         segments: dict[str | None, None] = {}
         depth = 0
         for src in self.sources:
-            segs, n = src.live_popular(request, k + len(request.exclude))
+            segs, n = src.live_popular(request, ctx.k + len(request.exclude))
             if n > 0:
                 segments.update(dict.fromkeys(segs))
                 depth = max(depth, n)
         if not want_history and not segments:
-            return request, True
+            return True
         try:
             read = self.store.fetch(
                 request.user_id if want_history else None,
                 list(segments),
                 popular_limit=depth if segments else 0,
-                timeout_ms=self._read_budget_ms(request, started),
+                timeout_ms=self._read_budget_ms(ctx),
             )
         except Exception:  # a custom store's bug must not fail the blend either
             logger.warning("store fetch failed; blending without it", exc_info=True)
-            return dataclasses.replace(request, live_popular={}), False
+            ctx.request = dataclasses.replace(request, live_popular={})
+            return False
         changes: dict[str, Any] = {"live_popular": read.popular}
         if read.items:
             keep = -self.config.limits.max_history  # the newest; history is oldest first
@@ -192,86 +269,23 @@ class Retriever:
                 history_timestamps=tuple(read.timestamps[keep:]),
                 history_event_types=tuple(read.event_types[keep:]),
             )
-        return dataclasses.replace(request, **changes), read.ok
+        ctx.request = dataclasses.replace(request, **changes)
+        return read.ok
 
-    def _read_budget_ms(self, request: Request, started: float) -> float:
+    def _read_budget_ms(self, ctx: BlendContext) -> float:
         """A store read may use the time left before the deadline minus a reserve for the
         sources (at most half of what is left), and never more than the socket timeout."""
         sc = self.config.store
-        left_ms = (request.deadline_ms or self.config.deadline_ms) - (
-            time.monotonic() - started
-        ) * 1000.0
+        left_ms = ctx.left_ms()
         return min(sc.socket_timeout_ms, left_ms - min(sc.read_reserve_ms, left_ms / 2))
 
-    def blend(self, request: Request | None = None, **kwargs: Any) -> CandidateSet:
-        """Up to k deduplicated candidates within the deadline, whatever the sources and the
-        store do."""
-        started = time.monotonic()
-        failures = self._store_failures()
-        request, ok = self._prepare(self._request(request, **kwargs), started)
-        key = self._cache_key(request)
-        if key is not None:
-            hit = self._cache_get(key, request, started)
-            if hit is not None:
-                return self._finish(hit, ok, started)
-        result = self._blender.blend(*self._sources_start(request, started))
-        ok = ok and self._store_failures() == failures
-        result = self._finish(result, ok, started)
-        if key is not None:
-            self._cache_put(key, result)
-        return result
-
-    async def ablend(self, request: Request | None = None, **kwargs: Any) -> CandidateSet:
-        """The asyncio twin of ``blend``: the store read and the sources run on the pool, so
-        the loop is never blocked."""
-        started = time.monotonic()
-        failures = self._store_failures()
-        req = self._request(request, **kwargs)
-        request, ok = await asyncio.wrap_future(self._blender.submit(self._prepare, req, started))
-        key = self._cache_key(request)
-        if key is not None:
-            hit = await asyncio.wrap_future(
-                self._blender.submit(self._cache_get, key, request, started)
-            )
-            if hit is not None:
-                return self._finish(hit, ok, started)
-        result = await self._blender.ablend(*self._sources_start(request, started))
-        ok = ok and self._store_failures() == failures
-        result = self._finish(result, ok, started)
-        if key is not None:
-            self._cache_put(key, result)
-        return result
-
-    def _sources_start(self, request: Request, started: float) -> tuple[Request, float]:
-        """The request for the fan-out and the instant the sources' clocks start: now, after the
-        store reads, so a slow store read is the store's fault (``degraded``), never a source's
-        timeout nor a failure its breaker counts. The deadline shrinks by the time already
-        spent, so the blend still ends when the caller's deadline says."""
-        now = time.monotonic()
-        budget = request.deadline_ms or self.config.deadline_ms
-        left_ms = max(budget - (now - started) * 1000.0, 1e-3)  # 0 would mean "the default"
-        return dataclasses.replace(request, deadline_ms=left_ms), now
-
-    def _store_failures(self) -> int:
-        """The store's count of failed reads: sources reading pushed rows run on other threads,
-        so a blend compares it before and after (another request's failure in the meantime can
-        mark this one degraded too; a failure of its own is never missed)."""
-        return int(getattr(self.store, "failures", 0)) if self._remote_rows else 0
-
-    def _finish(self, result: CandidateSet, read_ok: bool, started: float) -> CandidateSet:
-        result.store_status = "ok" if read_ok else "degraded"
-        result.elapsed_ms = (time.monotonic() - started) * 1000.0
-        return result
-
-    # -- result cache ----------------------------------------------------------------------
-
-    def _cache_key(self, request: Request) -> str | None:
+    def _cache_key(self, ctx: BlendContext) -> str | None:
         if self._cache_ttl_s <= 0:
             return None
-        return cache_key(request, request.k or self.config.k, self._version)
+        return cache_key(ctx.request, ctx.k, self._version)
 
-    def _cache_get(self, key: str, request: Request, started: float) -> CandidateSet | None:
-        blob = self.store.cache_get(key, timeout_ms=self._read_budget_ms(request, started))
+    def _cache_get(self, key: str, ctx: BlendContext) -> CandidateSet | None:
+        blob = self.store.cache_get(key, timeout_ms=self._read_budget_ms(ctx))
         if blob is None:
             return None
         try:
@@ -284,6 +298,17 @@ class Retriever:
         hit.cache_hit = True
         return hit
 
+    def _finish(self, result: CandidateSet, read_ok: bool, ctx: BlendContext) -> CandidateSet:
+        result.store_status = "ok" if read_ok else "degraded"
+        result.elapsed_ms = (time.monotonic() - ctx.started) * 1000.0
+        return result
+
+    def _store_failures(self) -> int:
+        """The store's count of failed reads: sources reading pushed rows run on other threads,
+        so a blend compares it before and after (another request's failure in the meantime can
+        mark this one degraded too; a failure of its own is never missed)."""
+        return int(getattr(self.store, "failures", 0)) if self._remote_rows else 0
+
     def _cache_put(self, key: str, result: CandidateSet) -> None:
         """Cache complete answers only, written off the request path (on the pool)."""
         if result.store_status != "ok":
@@ -295,6 +320,36 @@ class Retriever:
         timeout = self.config.store.socket_timeout_ms
         with contextlib.suppress(RuntimeError):  # the pool is closing
             self._blender.submit(lambda: self.store.cache_set(key, blob, ttl, timeout_ms=timeout))
+
+    def _run(self, core: Generator[_Io | BlendContext, Any, CandidateSet]) -> CandidateSet:
+        """Drive the core on this thread: each step that waits runs in place."""
+        value: Any = None
+        while True:
+            try:
+                step = core.send(value)
+            except StopIteration as done:
+                result: CandidateSet = done.value
+                return result
+            if isinstance(step, BlendContext):
+                value = self._blender.run(step)
+            else:
+                value = step.fn(*step.args)
+
+    async def _arun(self, core: Generator[_Io | BlendContext, Any, CandidateSet]) -> CandidateSet:
+        """Drive the core on the event loop: each step that waits runs off it."""
+        value: Any = None
+        while True:
+            try:
+                step = core.send(value)
+            except StopIteration as done:
+                result: CandidateSet = done.value
+                return result
+            if isinstance(step, BlendContext):
+                value = await self._blender.arun(step)
+            else:
+                value = await asyncio.wrap_future(self._blender.submit(step.fn, *step.args))
+
+    # -- live events -----------------------------------------------------------------------
 
     def record(
         self,
@@ -496,11 +551,29 @@ _cache: dict[Path, tuple[tuple[int, int], Retriever]] = {}
 _RETIRE_AFTER_S = 30.0
 
 
-def blend(config: str | Path | Retriever, **kwargs: Any) -> CandidateSet:
+def blend(
+    config: str | Path | Retriever,
+    request: Request | None = None,
+    *,
+    user_id: UserId | None = None,
+    history: Sequence[ItemId] | None = None,
+    seed_items: Sequence[ItemId] | None = None,
+    context: Mapping[str, str] | None = None,
+    exclude: Iterable[ItemId] | None = None,
+    k: int | None = None,
+    deadline_ms: float | None = None,
+    vector: npt.ArrayLike | None = None,
+) -> CandidateSet:
     """One call for the simple case: the retriever for ``config`` is loaded once and reused,
-    and loaded again when the file changes."""
-    if isinstance(config, Retriever):
-        return config.blend(**kwargs)
+    and loaded again when the file changes. The arguments are ``Retriever.blend``'s."""
+    request = _as_request(
+        request, user_id, history, seed_items, context, exclude, k, deadline_ms, vector
+    )
+    retriever = config if isinstance(config, Retriever) else _retriever_for(config)
+    return retriever.blend(request)
+
+
+def _retriever_for(config: str | Path) -> Retriever:
     path = Path(config).resolve()
     st = path.stat()
     stamp = (st.st_mtime_ns, st.st_size)
@@ -515,4 +588,130 @@ def blend(config: str | Path | Retriever, **kwargs: Any) -> CandidateSet:
                 timer.start()
         else:
             retriever = cached[1]
-    return retriever.blend(**kwargs)
+    return retriever
+
+
+# -- the typed facade: the caller's arguments as one checked Request ----------------------------
+
+
+class _Io:
+    """A serving step that waits on the store: ``blend`` runs it in place, ``ablend`` on the
+    blender's side lane."""
+
+    __slots__ = ("args", "fn")
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self.fn = fn
+        self.args = args
+
+
+def _as_request(
+    request: Request | None,
+    user_id: UserId | None,
+    history: Sequence[ItemId] | None,
+    seed_items: Sequence[ItemId] | None,
+    context: Mapping[str, str] | None,
+    exclude: Iterable[ItemId] | None,
+    k: int | None,
+    deadline_ms: float | None,
+    vector: npt.ArrayLike | None,
+) -> Request:
+    """The request to serve: ``request`` as given, or one made of the keywords; each argument
+    of the wrong type raises ``InputError`` naming it (``k=True`` or ``k="many"`` is not a k)."""
+    if request is not None:
+        given = [
+            name
+            for name, value in (
+                ("user_id", user_id),
+                ("history", history),
+                ("seed_items", seed_items),
+                ("context", context),
+                ("exclude", exclude),
+                ("k", k),
+                ("deadline_ms", deadline_ms),
+                ("vector", vector),
+            )
+            if value is not None
+        ]
+        if given:
+            raise InputError(
+                "pass a Request or its fields as keywords, not both: got request and "
+                + ", ".join(f"{name}=" for name in given)
+            )
+        if not isinstance(request, Request):
+            raise InputError(
+                f"request must be a retrieval.Request, got {type(request).__name__}; "
+                "pass the fields as keywords instead"
+            )
+        _check_k(request.k, "request.k")
+        _check_deadline_ms(request.deadline_ms, "request.deadline_ms")
+        return request
+    return Request(
+        user_id=None if user_id is None else check_id(user_id, "user_id"),
+        history=_item_ids(history, "history"),
+        seed_items=_item_ids(seed_items, "seed_items"),
+        context=_context(context),
+        exclude=frozenset(_item_ids(exclude, "exclude")),
+        k=_check_k(k, "k"),
+        deadline_ms=_check_deadline_ms(deadline_ms, "deadline_ms"),
+        vector=_vector(vector),
+    )
+
+
+def _check_k(k: object, name: str) -> int | None:
+    if k is None:
+        return None
+    if isinstance(k, bool | np.bool_) or not isinstance(k, int | np.integer) or k < 1:
+        raise InputError(f"{name} must be a positive int, got {k!r} ({type(k).__name__})")
+    return int(k)
+
+
+def _check_deadline_ms(deadline_ms: object, name: str) -> float | None:
+    if deadline_ms is None:
+        return None
+    if isinstance(deadline_ms, bool | np.bool_) or not isinstance(
+        deadline_ms, int | float | np.integer | np.floating
+    ):
+        raise InputError(
+            f"{name} must be a positive number of milliseconds, got {deadline_ms!r} "
+            f"({type(deadline_ms).__name__})"
+        )
+    ms = float(deadline_ms)
+    if not (math.isfinite(ms) and ms > 0):
+        raise InputError(f"{name} must be a positive finite number of milliseconds, got {ms}")
+    return ms
+
+
+def _item_ids(ids: Iterable[ItemId] | None, name: str) -> tuple[ItemId, ...]:
+    """The ids as a tuple (each is checked by the one id rule when the blend prepares)."""
+    if ids is None:
+        return ()
+    if isinstance(ids, str | bytes):
+        raise InputError(f"{name} must be a list of item ids, got a {type(ids).__name__}")
+    try:
+        return tuple(ids)
+    except TypeError:
+        raise InputError(f"{name} must be a list of item ids, got {type(ids).__name__}") from None
+
+
+def _context(context: Mapping[str, str] | None) -> dict[str, str]:
+    if context is None:
+        return {}
+    if not isinstance(context, Mapping):
+        raise InputError(f"context must be a mapping of str to str, got {type(context).__name__}")
+    for key, value in context.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise InputError(
+                f"context must map str to str, got context[{key!r}] = {value!r} "
+                f"({type(key).__name__} -> {type(value).__name__})"
+            )
+    return dict(context)
+
+
+def _vector(vector: npt.ArrayLike | None) -> npt.NDArray[np.float32] | None:
+    if vector is None:
+        return None
+    try:
+        return np.asarray(vector, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"vector must be an array of numbers: {exc}") from None

@@ -205,7 +205,19 @@ class Store(Protocol):
     (``StoreUnavailable`` when the store is unreachable) when the events cannot be kept.
     """
 
-    def record(self, events: list[Event]) -> None: ...
+    def record(self, events: list[Event]) -> None:
+        """Add ``events`` to their users' histories and to the live popularity counters.
+
+        Each event goes to its user's history (newest kept, at most ``history_len`` per user,
+        expiring ``history_ttl_s`` after the user's last event when that is set) and adds its
+        type's weight, decayed with ``half_life_s``, to the global counter and to one counter per
+        ``context`` segment (``country=DE``). The whole batch is checked first
+        (``check_events``): a bad event raises ``InputError`` and nothing is written. Raises
+        ``StoreError`` (``StoreUnavailable`` when the store is unreachable) when the events
+        cannot be kept; a store that buffers them returns instead and sends them later.
+        Thread-safe.
+        """
+        ...
 
     def fetch(
         self,
@@ -215,20 +227,51 @@ class Store(Protocol):
         history_limit: int | None = None,
         popular_limit: int = 100,
         timeout_ms: float | None = None,
-    ) -> StoreRead: ...
+    ) -> StoreRead:
+        """The hot-path read: everything a blend needs from the store, in one round trip.
+
+        ``user_id``'s newest ``history_limit`` events (``None``: up to ``history_len``; 0, or no
+        ``user_id``, skips the history), oldest first, and the top ``popular_limit`` items of
+        each live popular list in ``segments`` (``None`` is the global list, ``country=DE`` a
+        segment's; 0 skips them), with their weights decayed to now. ``timeout_ms`` is the time
+        the caller can give it (what is left before its deadline; ``None``: the store's own
+        timeout). Never raises: a failed, late or unreadable read returns what it could read
+        with ``ok=False``, and ``status()`` turns ``"degraded"``.
+        """
+        ...
 
     def history(
         self, user_id: UserId, limit: int | None = None
-    ) -> tuple[list[ItemId], list[float], list[str]]: ...
+    ) -> tuple[list[ItemId], list[float], list[str]]:
+        """The user's newest ``limit`` events (``None``: every kept one), oldest first, as item
+        ids, timestamps (seconds) and event types; empty for an unknown user, and when the
+        store fails. Never raises."""
+        ...
 
-    def popular(self, segment: str | None, limit: int) -> tuple[list[ItemId], list[float]]: ...
+    def popular(self, segment: str | None, limit: int) -> tuple[list[ItemId], list[float]]:
+        """The live top ``limit`` items of ``segment`` (``None``: global) and their weights
+        decayed to now, best first; empty when nothing was recorded there, and when the store
+        fails. Never raises."""
+        ...
 
-    def cache_get(self, key: str, *, timeout_ms: float | None = None) -> bytes | None: ...
+    def cache_get(self, key: str, *, timeout_ms: float | None = None) -> bytes | None:
+        """The cached blend result stored under ``key``, or None when there is none, it
+        expired, or the store failed (the caller then blends). Never raises."""
+        ...
 
     def cache_set(
         self, key: str, value: bytes, ttl_s: float, *, timeout_ms: float | None = None
-    ) -> bool: ...
+    ) -> bool:
+        """Keep ``value`` under ``key`` for ``ttl_s`` seconds (a store may evict it sooner);
+        False when the store could not take it. Never raises."""
+        ...
 
-    def status(self) -> str: ...
+    def status(self) -> str:
+        """``"ok"``, or ``"degraded"`` after a failed or unreadable round trip, until the next
+        one that succeeds: what a blend reports as its ``store_status``."""
+        ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the store's connections; a store that buffers events tries once to send
+        them first. Calling it twice is harmless."""
+        ...

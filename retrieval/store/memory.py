@@ -111,6 +111,8 @@ class MemoryStore:
     def history(
         self, user_id: UserId, limit: int | None = None, *, timeout_ms: float | None = None
     ) -> tuple[list[ItemId], list[float], list[str]]:
+        """The user's newest ``limit`` events (None: all kept), oldest first; ``timeout_ms`` is
+        accepted for the ``Store`` protocol and unused (nothing here waits on I/O)."""
         if limit is not None and limit <= 0:
             return [], [], []
         with self._lock:
@@ -171,6 +173,7 @@ class MemoryStore:
         return StoreRead(items, stamps, types, popular)
 
     def cache_get(self, key: str, *, timeout_ms: float | None = None) -> bytes | None:
+        """The value kept under ``key``, or None when there is none or it expired."""
         with self._lock:
             hit = self._cache.get(key)
             if hit is None:
@@ -192,7 +195,8 @@ class MemoryStore:
         return True
 
     def status(self) -> str:
+        """Always ``"ok"``: nothing in one process can be unreachable."""
         return "ok"
 
     def close(self) -> None:
-        pass
+        """Nothing to release: the state is garbage-collected with the store."""

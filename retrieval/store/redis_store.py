@@ -76,7 +76,7 @@ GLOBAL_SEGMENT = "_global"
 
 # KEYS: current set, previous set, marker. ARGV: previous-era factor, marker ttl, old-set ttl.
 # The user's newest events, unless the key holds far more bytes than this store ever writes
-# there: a foreign 30 MB value must not cross the network inside a request's deadline (the
+# there: a foreign value of megabytes must not cross the network inside a request's deadline (the
 # reply timeout bounds each socket read, not a transfer that keeps arriving), and copying it
 # into Lua to inspect it would stall the server. MEMORY USAGE measures without copying.
 _HISTORY = """
@@ -848,14 +848,16 @@ _scan: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(
 def _loads_each(raw: list[Any], problems: list[str], what: str) -> list[Any]:
     """Decode each value as exactly one JSON document; ``_BAD`` (and a problem) for the rest.
 
-    The C scanner is ~3x faster than ``json.loads`` per value, and checking that it consumed the
-    whole value rejects fragments that joining values into one document would silently accept.
+    The C scanner is used because it is faster than ``json.loads`` per value (measured:
+    ``benchmarks/README.md``), and checking that it consumed the whole value rejects fragments
+    that joining values into one document would silently accept.
     """
     out: list[Any] = []
     for b in raw:
         if isinstance(b, bytes | str) and len(b) > MAX_VALUE_BYTES:
             # Nothing this package writes is this long: a foreign value, never worth parsing
-            # inside a request's deadline (a 30 MB one took longer than the whole budget).
+            # inside a request's deadline (a big one took longer than the whole budget; see
+            # benchmarks/README.md).
             problems.append(f"{what}: {len(b)} bytes, more than {MAX_VALUE_BYTES}")
             out.append(_BAD)
             continue

@@ -302,11 +302,14 @@ def exact_reference(
     retriever: Any, requests: list[Request], k: int, max_queries: int = 200
 ) -> dict[str, Any]:
     """Exact top-k search over the ANN source's own item vectors, one thread, one query at a
-    time: numpy (matmul + argpartition) and, when faiss is installed, faiss's flat index (a
-    blocked matmul with a fused top-k heap: the faster of the two is the reference the ANN
-    time is compared with); then the ANN source on the same queries and its recall@k.
+    time: the exact backend's search (``sources.ann_exact``: one matrix-vector product and a
+    partial sort) and, when faiss is installed, faiss's flat index (a blocked matmul with a
+    fused top-k heap): the faster of the two is the reference the ANN time is compared with;
+    then the ANN source on the same queries and its recall@k against the exact answer.
     """
     from sources.ann import AnnSource
+    from sources.ann_exact import ExactSearch
+    from sources.vector_index import unit_rows
 
     ann = next((s for s in retriever.sources if isinstance(s, AnnSource)), None)
     if ann is None:
@@ -318,27 +321,20 @@ def exact_reference(
             v, exclude, _ = ann.query_vector(full)
         except Exception:  # a request the source skips has no reference either
             continue
-        queries.append((full, v, exclude))
+        queries.append((full, unit_rows(v) if ann.metric == "angular" else v, exclude))
         if len(queries) >= max_queries:
             break
     if not queries:
         return {"source": ann.name, "queries": 0}
     x = np.asarray(ann.item_vectors(), dtype=np.float32)
-    if ann.metric == "angular":
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    sq = (x * x).sum(axis=1) if ann.metric == "euclidean" else None
-    flat = _faiss_flat(x, ann.metric)
+    exact = ExactSearch(x, ann.metric, ann.dir / "item_factors.npy")
+    flat = _faiss_flat(unit_rows(x) if ann.metric == "angular" else x, ann.metric)
     np_ms, flat_ms, ann_ms, recall = [], [], [], []
     with threadpool_limits(1):
-        for full, v, exclude in queries:
-            q = v / max(float(np.linalg.norm(v)), 1e-12) if ann.metric == "angular" else v
-            n = min(x.shape[0] - 1, k + exclude.size)
+        for full, q, exclude in queries:
+            n = k + exclude.size
             t0 = time.perf_counter()
-            s = x @ q
-            if sq is not None:
-                s = 2.0 * s - sq  # -(|x - q|^2) up to a constant
-            top = np.argpartition(-s, n)[:n]
-            top = top[np.argsort(-s[top], kind="stable")]
+            top, _ = exact.search(q, n)
             np_ms.append((time.perf_counter() - t0) * 1000.0)
             if flat is not None:
                 t0 = time.perf_counter()
@@ -350,6 +346,7 @@ def exact_reference(
             ann_ms.append((time.perf_counter() - t0) * 1000.0)
             rows = ann.item_index().to_dense(got)
             recall.append(np.intersect1d(rows, top).size / max(top.size, 1))
+    del exact, flat
     npx, an = np.asarray(np_ms), np.asarray(ann_ms)
     fl = np.asarray(flat_ms)
     best, method = (

@@ -1,8 +1,15 @@
-"""The ``retrieval`` command line: build, serve-test, evaluate and tune candidate retrieval."""
+"""The ``retrieval`` command line: build, serve-test, evaluate and tune candidate retrieval.
+
+Conventions, the same for every command: the result goes to stdout, progress bars and log
+lines ("wrote ...", timings) to stderr; ``--json`` prints the result as one JSON document on
+stdout instead of the human-readable text; ``--json-out PATH`` (the commands that measure:
+eval, tune, bench) also writes that document to a file; the exit code says what failed.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -17,11 +24,28 @@ from retrieval.config import RetrievalConfig, load_config
 from retrieval.errors import InputError, RetrievalError, exit_code
 from retrieval.redact import redact, redact_text
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 Handler = Callable[[argparse.Namespace], int]
 
 _BROKEN_PIPE = 128 + getattr(signal, "SIGPIPE", 13)  # what a shell reports for `... | head`
+
+
+def _json_default(value: Any) -> Any:
+    """What ``json`` cannot encode by itself: numpy scalars and arrays, paths."""
+    if hasattr(value, "tolist"):  # numpy scalar or array
+        return value.tolist()
+    return str(value)
+
+
+def _print_json(data: Any) -> None:
+    """A command's result in its machine-readable form: one JSON document on stdout."""
+    print(json.dumps(data, indent=2, default=_json_default))
+
+
+def _log(message: str) -> None:
+    """A progress or log line: stderr, so that stdout holds only the result."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -29,8 +53,14 @@ def _validate(args: argparse.Namespace) -> int:
     dumped = config.model_dump(mode="json")
     if config.store.url:
         dumped["store"]["url"] = redact(config.store.url)  # never print a password
-    print(json.dumps(dumped, indent=2))
-    print(f"{args.config}: ok ({len(config.sources)} sources)", file=sys.stderr)
+    if args.json:
+        _print_json(dumped)
+    else:
+        import yaml
+
+        dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+        print(yaml.dump(dumped, Dumper=dumper, sort_keys=False, allow_unicode=True).rstrip("\n"))
+    _log(f"{args.config}: ok ({len(config.sources)} sources)")
     return 0
 
 
@@ -80,8 +110,21 @@ def _build(args: argparse.Namespace) -> int:
     from retrieval.artifacts import open_artifacts
 
     counts = open_artifacts(out).counts
-    print(format_summary(rows, counts.get("events", 0), counts.get("items", 0)))
-    print(f"built {len(rows)} sources into {out} in {time.perf_counter() - t0:.1f}s")
+    seconds = time.perf_counter() - t0
+    n_events, n_items = counts.get("events", 0), counts.get("items", 0)
+    if args.json:
+        _print_json(
+            {
+                "out": str(out),
+                "events": n_events,
+                "items": n_items,
+                "seconds": seconds,
+                "sources": [dataclasses.asdict(r) for r in rows],
+            }
+        )
+    else:
+        print(format_summary(rows, n_events, n_items))
+    _log(f"built {len(rows)} sources into {out} in {seconds:.1f}s")
     return 0
 
 
@@ -94,12 +137,22 @@ def _push(args: argparse.Namespace) -> int:
         raise InputError("no --url given and the config's store has no url (store.kind: redis)")
     t0 = time.perf_counter()
     results = push(config, args.artifacts, url, only=args.only)
-    for r in results:
-        print(
-            f"  {r.source:<16} version {r.version}  {r.rows:>9,} rows  "
-            f"{r.bytes / 1e6:8.1f} MB  {r.deleted:>9,} old keys deleted  {r.seconds:6.1f}s"
+    seconds = time.perf_counter() - t0
+    if args.json:
+        _print_json(
+            {
+                "url": redact(url),
+                "seconds": seconds,
+                "sources": [dataclasses.asdict(r) for r in results],
+            }
         )
-    print(f"pushed {len(results)} sources to {redact(url)} in {time.perf_counter() - t0:.1f}s")
+    else:
+        for r in results:
+            print(
+                f"  {r.source:<16} version {r.version}  {r.rows:>9,} rows  "
+                f"{r.bytes / 1e6:8.1f} MB  {r.deleted:>9,} old keys deleted  {r.seconds:6.1f}s"
+            )
+    _log(f"pushed {len(results)} sources to {redact(url)} in {seconds:.1f}s")
     return 0
 
 
@@ -118,14 +171,14 @@ def _bench(args: argparse.Namespace) -> int:
     config = config.model_copy(update={"artifacts": artifacts})
     t0 = time.perf_counter()
     requests = sample_requests(config, artifacts, args.events, args.requests, seed=args.seed)
-    print(f"sampled {len(requests)} requests in {time.perf_counter() - t0:.1f}s", flush=True)
+    _log(f"sampled {len(requests)} requests in {time.perf_counter() - t0:.1f}s")
     if args.processes > 1:
         result = run_bench_processes(config, requests, args.concurrency, args.processes)
     if args.processes == 1 or args.exact_queries > 0:
         # Here only when something runs in this process: loading reads every artifact file.
         t0 = time.perf_counter()
         with Retriever(config) as retriever:
-            print(f"loaded the retriever in {time.perf_counter() - t0:.2f}s", flush=True)
+            _log(f"loaded the retriever in {time.perf_counter() - t0:.2f}s")
             if args.processes == 1:
                 result = run_bench(retriever, requests, args.concurrency)
             if args.exact_queries > 0:
@@ -133,17 +186,22 @@ def _bench(args: argparse.Namespace) -> int:
                     retriever, requests, config.k, max_queries=args.exact_queries
                 )
     out = result.to_dict()
-    print(format_result(out))
     if args.json:
-        args.json.write_text(json.dumps(out, indent=2))
-        print(f"wrote {args.json}")
+        _print_json(out)
+    else:
+        print(format_result(out))
+    _write_json_out(args, out)
     return 0
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from retrieval.tools.doctor import doctor
+    from retrieval.tools.doctor import doctor_sections, format_doctor
 
-    print(doctor(items=args.items, queries=args.queries))
+    sections = doctor_sections(items=args.items, queries=args.queries)
+    if args.json:
+        _print_json({key: lines for key, (_title, lines) in sections.items()})
+    else:
+        print(format_doctor(sections))
     return 0
 
 
@@ -160,6 +218,9 @@ def _synth(args: argparse.Namespace) -> int:
         fmt=fmt,
         progress=sys.stderr.isatty(),
     )
+    if args.json:
+        _print_json(dataclasses.asdict(stats))
+        return 0
     print(
         f"wrote {stats.n_events:,} events ({stats.n_active_users:,} active users, "
         f"{stats.n_items:,} items, {stats.n_sessions:,} sessions, {stats.n_clusters} clusters) "
@@ -183,28 +244,33 @@ def _eval(args: argparse.Namespace) -> int:
         config, args.events, args.train, args.test, args.split_time, args.test_fraction, args.users
     )
     report = evaluate(config, split, path, args.k)
-    print(format_report(report))
-    print(f"evaluated in {report.seconds:.1f}s")
-    _write_outputs(args, report.to_dict(), lambda t, s: report_data(report, t, s))
+    data = report.to_dict()
+    if args.json:
+        _print_json(data)
+    else:
+        print(format_report(report))
+    _log(f"evaluated in {report.seconds:.1f}s")
+    _write_json_out(args, data)
+    _write_report(args, lambda t, s: report_data(report, t, s))
     return 0
 
 
-def _write_outputs(
-    args: argparse.Namespace,
-    data: dict[str, Any],
-    report: Callable[[str, str], dict[str, Any]],
-) -> None:
-    """``--json`` and ``--report``, the same for every command that measures."""
-    if args.json:
-        args.json.write_text(json.dumps(data, indent=2))
-        print(f"wrote {args.json}")
+def _write_json_out(args: argparse.Namespace, data: dict[str, Any]) -> None:
+    """``--json-out PATH``: the document ``--json`` prints, written to a file as well."""
+    if args.json_out:
+        args.json_out.write_text(json.dumps(data, indent=2, default=_json_default))
+        _log(f"wrote {args.json_out}")
+
+
+def _write_report(args: argparse.Namespace, report: Callable[[str, str], dict[str, Any]]) -> None:
+    """``--report PATH``: the self-contained HTML page of eval and tune."""
     if args.report:
         from retrieval.evaluation.report import ReportData, write_report
 
         title = f"retrieval {args.command} {args.config.name}"
         command = "retrieval " + " ".join(sys.argv[1:])
         write_report(args.report, cast("ReportData", report(title, command)))
-        print(f"wrote {args.report}")
+        _log(f"wrote {args.report}")
 
 
 def _tune(args: argparse.Namespace) -> int:
@@ -220,6 +286,20 @@ def _tune(args: argparse.Namespace) -> int:
         users=args.users,
     )
     write_tuned_yaml(result, config, args.out, "retrieval " + " ".join(sys.argv[1:]))
+    data = result.to_dict()
+    if args.json:
+        _print_json(data)
+    else:
+        _print_trials(result, blend_depths)
+    if result.budget_exhausted:
+        _log(f"the {args.budget_minutes:g}-minute budget cut the search short")
+    _log(f"tuned in {result.seconds / 60:.1f} min; wrote {args.out}")
+    _write_json_out(args, data)
+    _write_report(args, result.report_data)
+    return 0
+
+
+def _print_trials(result: Any, blend_depths: Callable[[int], Sequence[int]]) -> None:
     print(f"{'trial':>5}  {'stage':<6} {'source':<12} {'recall':>8} {'s':>6}  change")
     for i, t in enumerate(result.trials):
         mark = "*" if t.chosen else " "
@@ -233,11 +313,6 @@ def _tune(args: argparse.Namespace) -> int:
     print(f"validation recall@{k} ({result.users} users), as configured -> tuned:")
     for name, after in result.after.items():
         print(f"  {name:<14} {result.before.get(name, float('nan')):.4f} -> {after:.4f}")
-    if result.budget_exhausted:
-        print(f"the {args.budget_minutes:g}-minute budget cut the search short")
-    print(f"tuned in {result.seconds / 60:.1f} min; wrote {args.out}")
-    _write_outputs(args, result.to_dict(), result.report_data)
-    return 0
 
 
 def _calibrate(args: argparse.Namespace) -> int:
@@ -260,13 +335,25 @@ def _calibrate(args: argparse.Namespace) -> int:
     )
     out.parent.mkdir(parents=True, exist_ok=True)
     calibration.save(out)
-    print(f"rank -> hit-rate curves from {calibration.users} hold-out users:")
-    for name, curve in calibration.curves.items():
-        points = ", ".join(
-            f"r{e}:{p:.4f}" for e, p in list(zip(curve.edges, curve.p, strict=True))[:8]
+    if args.json:
+        _print_json(
+            {
+                "out": str(out),
+                "users": calibration.users,
+                "curves": {
+                    name: {"edges": list(c.edges), "p": list(c.p)}
+                    for name, c in calibration.curves.items()
+                },
+            }
         )
-        print(f"  {name:<14} {points} ...")
-    print(f"wrote {out}; use it with blend.strategy: calibrated")
+    else:
+        print(f"rank -> hit-rate curves from {calibration.users} hold-out users:")
+        for name, curve in calibration.curves.items():
+            points = ", ".join(
+                f"r{e}:{p:.4f}" for e, p in list(zip(curve.edges, curve.p, strict=True))[:8]
+            )
+            print(f"  {name:<14} {points} ...")
+    _log(f"wrote {out}; use it with blend.strategy: calibrated")
     return 0
 
 
@@ -306,7 +393,22 @@ def _positive(text: str) -> int:
     return value
 
 
+DESCRIPTION = """\
+The retrieval command line: build, serve-test, evaluate and tune candidate retrieval.
+
+Results go to stdout; progress bars and log lines ("wrote ...", timings) go to stderr.
+Every command takes --json: print its result as one JSON document on stdout instead of
+the human-readable text. The commands that measure (eval, tune, bench) also take
+--json-out PATH, which writes that document to a file as well.
+Run `retrieval COMMAND --help` for a command's arguments and examples.
+"""
+
 EPILOG = f"""\
+example (a synthetic log, a build, one user's candidates):
+  retrieval synth --items 20000 --users 5000 --events 200000 --out data/log.parquet
+  retrieval build examples/config.yaml --events data/log.parquet
+  retrieval blend examples/config.yaml --user 10000000042 --json
+
 exit codes:
   0    ok
   1    a failure at run time (e.g. a required source failed); with a traceback: a bug
@@ -317,131 +419,472 @@ exit codes:
   {_BROKEN_PIPE}  the output was closed early (e.g. `retrieval ... | head`); nothing is printed
 """
 
+_JSON_HELP = "print the result as one JSON document on stdout instead of the text ({what})"
 
-def _parser() -> argparse.ArgumentParser:
+
+def _command(
+    sub: Any,
+    name: str,
+    handler: Handler,
+    help: str,
+    description: str,
+    examples: Sequence[str],
+) -> argparse.ArgumentParser:
+    """A subcommand with a one-line ``help`` (the top-level listing), a ``description`` (its
+    own ``--help``) and an epilog of example invocations, formatted as written."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=help,
+        description=description,
+        epilog="examples:\n" + "\n".join(f"  {e}" for e in examples),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.set_defaults(handler=handler)
+    return p
+
+
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", type=Path, help="the YAML config (e.g. examples/config.yaml)")
+
+
+def _add_json(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", action="store_true", help=_JSON_HELP.format(what=what))
+
+
+def _add_json_out(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--json-out",
+        type=Path,
+        metavar="PATH",
+        help=f"also write the JSON document ({what}) to PATH; the text still goes to stdout",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line (also walked by the tests: every argument has help)."""
+    from retrieval import __version__
+
     p = argparse.ArgumentParser(
         prog="retrieval",
-        description=__doc__,
+        description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument(
+        "--version",
+        action="version",
+        version=f"retrieval {__version__}",
+        help="print `retrieval VERSION` and exit",
+    )
+    sub = p.add_subparsers(
+        dest="command",
+        required=True,
+        title="commands",
+        metavar="COMMAND",
+        help="`retrieval COMMAND --help` shows its arguments and examples",
+    )
 
-    v = sub.add_parser("validate", help="check a config; print it resolved, or the errors")
-    v.add_argument("config", type=Path)
-    v.set_defaults(handler=_validate)
+    v = _command(
+        sub,
+        "validate",
+        _validate,
+        help="check a config; print it resolved, or the errors",
+        description="Load CONFIG, validate it, and print it resolved (defaults filled in,\n"
+        "${VAR} placeholders expanded, passwords in URLs redacted) as YAML, or as JSON with\n"
+        "--json. Every error is printed to stderr, each naming its field (exit code 2).",
+        examples=[
+            "retrieval validate examples/config.yaml",
+            "retrieval validate examples/config.yaml --json | jq '.sources[].name'",
+        ],
+    )
+    _add_config(v)
+    _add_json(v, "the resolved config")
 
-    b = sub.add_parser("blend", help="blend candidates for one user")
-    b.add_argument("config", type=Path)
-    b.add_argument("--user", required=True)
-    b.add_argument("--history", nargs="*", help="recent item ids, oldest first")
+    b = _command(
+        sub,
+        "blend",
+        _blend,
+        help="blend candidates for one user",
+        description="Run every source of CONFIG for one user and print the blended candidates\n"
+        "(id, score, the sources that found each and at which rank) and each source's report\n"
+        "(status, latency, returned and kept). Ids that look like integers are read as int64.",
+        examples=[
+            "retrieval blend examples/config.yaml --user 10000000042 --history 1000017 1000342",
+            "retrieval blend examples/config.yaml --user 10000000042 --context country=DE --json",
+        ],
+    )
+    _add_config(b)
+    b.add_argument("--user", required=True, help="the user id (e.g. 10000000042)")
     b.add_argument(
-        "--context", nargs="*", type=_key_value, help="segment values as KEY=VALUE: country=de"
+        "--history",
+        nargs="*",
+        metavar="ID",
+        help="recent item ids, oldest first (e.g. --history 1000017 1000342)",
     )
-    b.add_argument("--k", type=int, default=None)
-    b.add_argument("--show", type=int, default=20, help="rows to print without --json")
-    b.add_argument("--json", action="store_true")
-    b.set_defaults(handler=_blend)
+    b.add_argument(
+        "--context",
+        nargs="*",
+        type=_key_value,
+        metavar="KEY=VALUE",
+        help="segment values as KEY=VALUE (e.g. --context country=DE)",
+    )
+    b.add_argument(
+        "--k",
+        type=int,
+        metavar="N",
+        default=None,
+        help="candidates to return (default: the config's k)",
+    )
+    b.add_argument(
+        "--show",
+        type=int,
+        default=20,
+        metavar="N",
+        help="candidates to print without --json (default: %(default)s)",
+    )
+    _add_json(b, "every candidate with its provenance, and every source's report")
 
-    sy = sub.add_parser("synth", help="write a realistic synthetic event log")
-    sy.add_argument("--items", type=_positive, required=True)
-    sy.add_argument("--users", type=_positive, required=True)
-    sy.add_argument("--events", type=_positive, required=True)
-    sy.add_argument("--out", type=Path, required=True, help=".parquet, .csv or .csv.gz")
-    sy.add_argument("--seed", type=int, default=0)
-    sy.set_defaults(handler=_synth)
+    sy = _command(
+        sub,
+        "synth",
+        _synth,
+        help="write a realistic synthetic event log",
+        description="Write an event log with the structure real logs have (sessions, stable\n"
+        "tastes, a long tail that differs by country, releases over time) plus, beside it,\n"
+        "<stem>.items.parquet, <stem>.embeddings.npy and <stem>.embedding_ids.npy. The same\n"
+        "arguments give the same files. The summary goes to stdout, the progress bar to stderr.",
+        examples=[
+            "retrieval synth --items 20000 --users 5000 --events 200000 --out data/log.parquet",
+            "retrieval synth --items 1000 --users 500 --events 10000 --out log.csv.gz --json",
+        ],
+    )
+    sy.add_argument(
+        "--items", type=_positive, metavar="N", required=True, help="catalogue size (e.g. 20000)"
+    )
+    sy.add_argument(
+        "--users", type=_positive, metavar="N", required=True, help="user count (e.g. 5000)"
+    )
+    sy.add_argument(
+        "--events", type=_positive, metavar="N", required=True, help="event count (e.g. 200000)"
+    )
+    sy.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="the event log to write: .parquet, .csv or .csv.gz (the extension picks the format)",
+    )
+    sy.add_argument(
+        "--seed", type=int, metavar="N", default=0, help="random seed (default: %(default)s)"
+    )
+    _add_json(sy, "the counts and the paths written")
 
-    ev = sub.add_parser("eval", help="offline recall per source and for the blend")
-    ev.add_argument("config", type=Path)
-    ev.add_argument("--events", type=Path)
-    ev.add_argument("--split-time", help="cutoff: unix seconds or ISO-8601")
-    ev.add_argument("--test-fraction", type=float, help="the last fraction of the log is test")
-    ev.add_argument("--train", type=Path, help="a split you already have (with --test)")
-    ev.add_argument("--test", type=Path)
-    ev.add_argument("--k", type=_k_list, default=[20, 100, 1000])
-    ev.add_argument("--users", type=_positive, default=2000, help="test users sampled")
-    ev.add_argument("--json", type=Path, help="also write the metrics as JSON")
-    ev.add_argument("--report", type=Path, help="also write a self-contained HTML report")
-    ev.set_defaults(handler=_eval)
+    ev = _command(
+        sub,
+        "eval",
+        _eval,
+        help="offline recall per source and for the blend",
+        description="Split a log by time (or take a train and a test file), build every source\n"
+        "on the train part in memory, and measure each source's and the blend's recall,\n"
+        "new-item recall, hit rate, unique hits, coverage and latency at every k on the test\n"
+        "part's users.",
+        examples=[
+            "retrieval eval examples/config.yaml --events data/log.parquet --test-fraction 0.1",
+            "retrieval eval tuned.yaml --train train.parquet --test test.parquet "
+            "\\\n      --json-out metrics.json --report report.html",
+        ],
+    )
+    _add_config(ev)
+    ev.add_argument(
+        "--events",
+        type=Path,
+        metavar="LOG",
+        help="CSV or Parquet event log to split (with --split-time or --test-fraction)",
+    )
+    ev.add_argument(
+        "--split-time",
+        metavar="T",
+        help="the cutoff: events from T on are test (unix seconds or ISO-8601, "
+        "e.g. 2024-03-20T00:00:00)",
+    )
+    ev.add_argument(
+        "--test-fraction",
+        type=float,
+        metavar="F",
+        help="the last fraction of the log's time is test (e.g. 0.1)",
+    )
+    ev.add_argument(
+        "--train", type=Path, help="a train log you already split off (with --test, no --events)"
+    )
+    ev.add_argument("--test", type=Path, help="its test log (with --train)")
+    ev.add_argument(
+        "--k",
+        type=_k_list,
+        default=[20, 100, 1000],
+        metavar="K[,K...]",
+        help="comma-separated cut-offs (default: 20,100,1000)",
+    )
+    ev.add_argument(
+        "--users",
+        type=_positive,
+        metavar="N",
+        default=2000,
+        help="test users sampled (default: %(default)s)",
+    )
+    _add_json(ev, "every metric per source and for the blend")
+    _add_json_out(ev, "the metrics")
+    ev.add_argument(
+        "--report", type=Path, metavar="PATH", help="also write a self-contained HTML report"
+    )
 
-    tu = sub.add_parser(
+    tu = _command(
+        sub,
         "tune",
+        _tune,
         help="fit every source's parameters and the blend to your log; write a tuned config",
-        description="Split LOG by time into a fit part and a validation part, search each "
-        "learned source's parameters by its validation recall at the config's k, then the "
-        "blend's, and write the tuned config (a complete YAML file, with what was measured "
-        "as comments).",
+        description="Split LOG by time into a fit part and a validation part, search each\n"
+        "learned source's parameters by its validation recall at the config's k, then the\n"
+        "blend's, and write the tuned config (a complete YAML file, with what was measured as\n"
+        "comments). stdout gets every trial, before -> after recall per source and the blend.",
+        examples=[
+            "retrieval tune examples/config.yaml --events data/log.parquet --out tuned.yaml",
+            "retrieval tune examples/config.yaml --events data/log.parquet --out tuned.yaml "
+            "\\\n      --budget-minutes 5 --json-out tune.json --report tune.html",
+        ],
     )
-    tu.add_argument("config", type=Path)
-    tu.add_argument("--events", type=Path, required=True, help="CSV or Parquet event log")
-    tu.add_argument("--out", type=Path, required=True, help="where to write TUNED.yaml")
+    _add_config(tu)
+    tu.add_argument(
+        "--events", type=Path, required=True, metavar="LOG", help="CSV or Parquet event log"
+    )
+    tu.add_argument("--out", type=Path, required=True, help="where to write the tuned YAML")
     tu.add_argument(
         "--budget-minutes",
         type=_minutes,
+        metavar="MINUTES",
         default=15.0,
-        help="stop searching when this is spent (the best found so far is kept)",
+        help="stop searching when this is spent; the best found so far is kept "
+        "(default: %(default)s)",
     )
-    tu.add_argument("--seed", type=int, default=0, help="validation users and cut points")
-    tu.add_argument("--holdout", type=float, default=0.1, help="last fraction of the log's time")
-    tu.add_argument("--users", type=_positive, default=2000, help="validation users scored")
-    tu.add_argument("--json", type=Path, help="also write every trial as JSON")
-    tu.add_argument("--report", type=Path, help="also write a self-contained HTML report")
-    tu.set_defaults(handler=_tune)
-
-    ca = sub.add_parser(
-        "calibrate", help="measure rank -> hit-rate curves for blend.strategy: calibrated"
+    tu.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        default=0,
+        help="picks the validation users and cut points (default: %(default)s)",
     )
-    ca.add_argument("config", type=Path)
-    ca.add_argument("--events", type=Path, required=True)
-    ca.add_argument("--holdout", type=float, default=0.1, help="last fraction of the log held out")
-    ca.add_argument("--users", type=_positive, default=2000)
-    ca.add_argument("--k", type=_positive, default=None)
-    ca.add_argument("--out", type=Path, default=None, help="default: <artifacts>/calibration.json")
-    ca.set_defaults(handler=_calibrate)
+    tu.add_argument(
+        "--holdout",
+        type=float,
+        metavar="F",
+        default=0.1,
+        help="last fraction of the log's time used for validation (default: %(default)s)",
+    )
+    tu.add_argument(
+        "--users",
+        type=_positive,
+        metavar="N",
+        default=2000,
+        help="validation users scored (default: %(default)s)",
+    )
+    _add_json(tu, "every trial, and before and after per source")
+    _add_json_out(tu, "every trial")
+    tu.add_argument(
+        "--report", type=Path, metavar="PATH", help="also write a self-contained HTML report"
+    )
 
-    bd = sub.add_parser("build", help="build the artifacts of every source that learns")
-    bd.add_argument("config", type=Path)
-    bd.add_argument("--events", type=Path, required=True, help="CSV or Parquet event log")
-    bd.add_argument("--out", type=Path, default=None, help="default: the config's artifacts")
+    ca = _command(
+        sub,
+        "calibrate",
+        _calibrate,
+        help="measure rank -> hit-rate curves for blend.strategy: calibrated",
+        description="Hold out the end of LOG, build the sources on the rest, and measure each\n"
+        "source's hit rate by rank on the hold-out users; write the curves as JSON (the file\n"
+        "blend.strategy: calibrated reads) and print their first points.",
+        examples=[
+            "retrieval calibrate examples/config.yaml --events data/log.parquet",
+            "retrieval calibrate examples/config.yaml --events data/log.parquet "
+            "\\\n      --out build/calibration.json --users 500",
+        ],
+    )
+    _add_config(ca)
+    ca.add_argument(
+        "--events", type=Path, required=True, metavar="LOG", help="CSV or Parquet event log"
+    )
+    ca.add_argument(
+        "--holdout",
+        type=float,
+        metavar="F",
+        default=0.1,
+        help="last fraction of the log's time held out (default: %(default)s)",
+    )
+    ca.add_argument(
+        "--users",
+        type=_positive,
+        metavar="N",
+        default=2000,
+        help="hold-out users measured (default: %(default)s)",
+    )
+    ca.add_argument(
+        "--k",
+        type=_positive,
+        metavar="N",
+        default=None,
+        help="ranks measured per source (default: the config's k)",
+    )
+    ca.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where to write the curves (default: <artifacts>/calibration.json)",
+    )
+    _add_json(ca, "every source's curve")
+
+    bd = _command(
+        sub,
+        "build",
+        _build,
+        help="build the artifacts of every source that learns",
+        description="Read LOG once and build every source of CONFIG that learns from data\n"
+        "(co-visitation, item-CF, ANN, popularity, ...) into one directory, published\n"
+        "atomically with a manifest of checksums. Prints a row per source.",
+        examples=[
+            "retrieval build examples/config.yaml --events data/log.parquet",
+            "retrieval build examples/config.yaml --events data/log.parquet --out build "
+            "\\\n      --only covisit popular",
+        ],
+    )
+    _add_config(bd)
+    bd.add_argument(
+        "--events", type=Path, required=True, metavar="LOG", help="CSV or Parquet event log"
+    )
+    bd.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="output directory (default: the config's artifacts)",
+    )
     bd.add_argument(
         "--only",
         nargs="*",
+        metavar="NAME",
         help="build only these sources; every other source of the build already in the output "
         "directory is kept as it was (its files hard-linked into the new build with their "
         "checksums). Refused when this event log gives other id maps (ids/items.npy, "
         "ids/users.npy) than that build: then build every source. Files the manifest does not "
         "list (e.g. calibration.json) are not kept",
     )
-    bd.set_defaults(handler=_build)
+    _add_json(bd, "the output directory, counts and every source's row")
 
-    pu = sub.add_parser("push", help="upload co-visitation and item-CF neighbour lists to Redis")
-    pu.add_argument("config", type=Path)
-    pu.add_argument("--artifacts", type=Path, required=True, help="the output of `build`")
-    pu.add_argument("--url", default=None, help="default: the config's store.url")
-    pu.add_argument("--only", nargs="*", help="push only these sources")
-    pu.set_defaults(handler=_push)
+    pu = _command(
+        sub,
+        "push",
+        _push,
+        help="upload co-visitation and item-CF neighbour lists to Redis",
+        description="Upload the neighbour lists of a build to the online store (Redis) as a new\n"
+        "version per source, switch readers to it, and delete the version it replaces.",
+        examples=[
+            "retrieval push examples/config.yaml --artifacts build",
+            "retrieval push examples/config.yaml --artifacts build "
+            "\\\n      --url redis://cache:6379/0 --only covisit",
+        ],
+    )
+    _add_config(pu)
+    pu.add_argument(
+        "--artifacts", type=Path, required=True, metavar="DIR", help="the output of `build`"
+    )
+    pu.add_argument("--url", default=None, help="Redis URL (default: the config's store.url)")
+    pu.add_argument("--only", nargs="*", metavar="NAME", help="push only these sources")
+    _add_json(pu, "every source pushed: version, rows, bytes, keys deleted")
 
-    be = sub.add_parser("bench", help="replay requests against built artifacts; time everything")
-    be.add_argument("config", type=Path)
-    be.add_argument("--artifacts", type=Path, required=True, help="the output of `build`")
-    be.add_argument("--events", type=Path, default=None, help="log to sample requests from")
-    be.add_argument("--requests", type=_positive, default=2000)
-    be.add_argument("--concurrency", type=_positive, default=1, help="threads per process")
+    be = _command(
+        sub,
+        "bench",
+        _bench,
+        help="replay requests against built artifacts; time everything",
+        description="Sample requests (from LOG, or users from the build's id map), time\n"
+        "blend() on them (p50/p95/p99, blends/s, per source), read the process RSS, and\n"
+        "compare the ANN source with exact search (time ratio and recall).",
+        examples=[
+            "retrieval bench examples/config.yaml --artifacts build --events data/log.parquet",
+            "retrieval bench examples/config.yaml --artifacts build --events data/log.parquet "
+            "\\\n      --processes 2 --exact-queries 0 --json-out bench.json",
+        ],
+    )
+    _add_config(be)
+    be.add_argument(
+        "--artifacts", type=Path, required=True, metavar="DIR", help="the output of `build`"
+    )
+    be.add_argument(
+        "--events",
+        type=Path,
+        default=None,
+        metavar="LOG",
+        help="log to sample requests from (default: users of the build, without history)",
+    )
+    be.add_argument(
+        "--requests",
+        type=_positive,
+        metavar="N",
+        default=2000,
+        help="requests replayed (default: %(default)s)",
+    )
+    be.add_argument(
+        "--concurrency",
+        type=_positive,
+        metavar="N",
+        default=1,
+        help="threads per process (default: %(default)s)",
+    )
     be.add_argument(
         "--processes",
         type=_positive,
+        metavar="N",
         default=1,
-        help="serving processes sharing the mmapped artifacts (one per core uses every core)",
+        help="serving processes sharing the mmapped artifacts; one per core uses every core "
+        "(default: %(default)s)",
     )
-    be.add_argument("--exact-queries", type=int, default=200, help="0: skip exact search")
-    be.add_argument("--seed", type=int, default=0)
-    be.add_argument("--json", type=Path, default=None)
-    be.set_defaults(handler=_bench)
+    be.add_argument(
+        "--exact-queries",
+        type=int,
+        metavar="N",
+        default=200,
+        help="queries compared with exact search; 0 skips it (default: %(default)s)",
+    )
+    be.add_argument(
+        "--seed",
+        type=int,
+        metavar="N",
+        default=0,
+        help="picks the sampled requests (default: %(default)s)",
+    )
+    _add_json(be, "latencies, throughput, RSS, per source, exact search")
+    _add_json_out(be, "the figures")
 
-    dr = sub.add_parser("doctor", help="threads, BLAS, versions, CPU flags, GIL release")
-    dr.add_argument("--items", type=_positive, default=200_000, help="GIL test index size")
-    dr.add_argument("--queries", type=_positive, default=400)
-    dr.set_defaults(handler=_doctor)
+    dr = _command(
+        sub,
+        "doctor",
+        _doctor,
+        help="threads, BLAS, versions, CPU flags, GIL release",
+        description="Print what this machine gives the retriever: library versions, thread\n"
+        "pools (threadpoolctl) and BLAS, CPU flags, and whether annoy and faiss release the\n"
+        "GIL during queries (measured on a small random index, not assumed).",
+        examples=["retrieval doctor", "retrieval doctor --items 20000 --queries 100 --json"],
+    )
+    dr.add_argument(
+        "--items",
+        type=_positive,
+        metavar="N",
+        default=200_000,
+        help="size of the GIL test's index (default: %(default)s)",
+    )
+    dr.add_argument(
+        "--queries",
+        type=_positive,
+        metavar="N",
+        default=400,
+        help="queries of the GIL test (default: %(default)s)",
+    )
+    _add_json(dr, "each section's lines by key: versions, threadpools, blas, cpu, gil")
     return p
 
 
@@ -466,10 +909,15 @@ def _silence_stdout() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     handler: Handler = args.handler
     try:
-        return handler(args)
+        status = handler(args)
+        # A closed pipe must surface here, not in the interpreter's last flush. (A large write
+        # the reader cut short can be dropped without an error; the next write then raises.)
+        if sys.stdout is not None:
+            sys.stdout.flush()
+        return status
     except BrokenPipeError:  # `retrieval ... | head`: the reader left; nothing to report
         _silence_stdout()
         return _BROKEN_PIPE

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["LIBRARIES", "doctor", "gil_speedup"]
+__all__ = ["LIBRARIES", "doctor", "doctor_sections", "format_doctor", "gil_speedup"]
 
 LIBRARIES = (
     "numpy",
@@ -169,17 +169,27 @@ def _verdict(name: str, speedup: float) -> str:
     return f"{name}: {speedup:.2f}x on 2 threads vs 1 -> GIL {word}"
 
 
-def doctor(items: int = 20_000, queries: int = 400) -> str:
-    """The report, section by section (the GIL test builds a small index of ``items``)."""
-    sections: list[tuple[str, list[str]]] = [
-        ("versions", _versions()),
-        ("thread pools (threadpoolctl)", _threadpools()),
-        ("BLAS", _blas()),
-        ("CPU", _cpu()),
-        (f"GIL during queries ({queries} queries, 1 vs 2 threads)", _gil(items, queries)),
-    ]
+def doctor_sections(items: int = 20_000, queries: int = 400) -> dict[str, tuple[str, list[str]]]:
+    """Each section by a stable key (``versions``, ``threadpools``, ``blas``, ``cpu``, ``gil``):
+    its title and lines (the GIL test builds a small index of ``items``)."""
+    return {
+        "versions": ("versions", _versions()),
+        "threadpools": ("thread pools (threadpoolctl)", _threadpools()),
+        "blas": ("BLAS", _blas()),
+        "cpu": ("CPU", _cpu()),
+        "gil": (f"GIL during queries ({queries} queries, 1 vs 2 threads)", _gil(items, queries)),
+    }
+
+
+def format_doctor(sections: dict[str, tuple[str, list[str]]]) -> str:
+    """The report as text, section by section."""
     out = []
-    for title, lines in sections:
+    for title, lines in sections.values():
         out.append(f"== {title}")
         out.extend(f"  {line}" for line in lines)
     return "\n".join(out)
+
+
+def doctor(items: int = 20_000, queries: int = 400) -> str:
+    """The report, section by section (the GIL test builds a small index of ``items``)."""
+    return format_doctor(doctor_sections(items, queries))
