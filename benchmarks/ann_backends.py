@@ -15,6 +15,9 @@ from collections.abc import Callable
 import numpy as np
 import numpy.typing as npt
 
+from sources.ann_exact import exact_top_k
+from sources.vector_index import unit_rows
+
 F32 = npt.NDArray[np.float32]
 
 
@@ -29,17 +32,14 @@ def clustered(n: int, dims: int, seed: int = 0) -> F32:
     for s in range(0, n, 500_000):
         a = assign[s : s + 500_000]
         x[s : s + a.size] = centres[a] + 0.6 * rng.normal(size=(a.size, dims)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return x
+    return unit_rows(x)
 
 
 def exact(x: F32, q: F32, k: int) -> tuple[list[npt.NDArray[np.int64]], float]:
     out, t = [], []
     for v in q:
         t0 = time.perf_counter()
-        s = x @ v
-        top = np.argpartition(-s, k)[:k]
-        top = top[np.argsort(-s[top])]
+        top, _ = exact_top_k(x, v, k, "dot")
         t.append(time.perf_counter() - t0)
         out.append(top)
     return out, float(np.percentile(np.array(t) * 1000, 99))
@@ -156,7 +156,7 @@ def main() -> None:
     q = x[rng.choice(args.items, args.queries, replace=False)] + 0.3 * rng.normal(
         size=(args.queries, args.dims)
     ).astype(np.float32)
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    q = unit_rows(q)
     with threadpool_limits(1):
         truth, p99 = exact(x, q, args.k)
     print(f"exact numpy: p99 {p99:.2f} ms ({args.items:,} x {args.dims})", flush=True)

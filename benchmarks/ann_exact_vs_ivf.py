@@ -27,6 +27,7 @@ import numpy.typing as npt
 from ann_backends import clustered  # a sibling script: benchmarks/ is on sys.path
 from threadpoolctl import threadpool_limits
 
+from sources.ann_exact import exact_top_k
 from sources.ann_faiss import build_ivf, require_faiss
 
 F32 = npt.NDArray[np.float32]
@@ -54,9 +55,7 @@ def queries(x: F32, m: int, seed: int) -> F32:
 
 
 def exact_numpy(x: F32, v: F32, k: int) -> I64:
-    s = x @ v
-    top = np.argpartition(-s, k - 1)[:k]
-    return top[np.argsort(-s[top], kind="stable")].astype(np.int64)
+    return exact_top_k(x, v, k, "dot")[0]
 
 
 def timed(search: Callable[[F32], I64], q: F32) -> tuple[list[I64], float, float]:

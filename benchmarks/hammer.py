@@ -33,6 +33,7 @@ from retrieval.config import RetrievalConfig
 from retrieval.online.retriever import Retriever
 from retrieval.types import Deadline, Request
 from sources.base import Need, Ranked, Source, SourceContext, SourceParams
+from sources.history import sum_by_id
 
 N_ITEMS = 200_000
 ROW = 100
@@ -67,9 +68,8 @@ class Neighbours(Source):
         hist = hist[(hist >= 0) & (hist < N_ITEMS)]
         if hist.size == 0:
             return np.empty(0, np.int64), np.empty(0, np.float32)
-        ids = indices[hist].reshape(-1)
-        uniq, inv = np.unique(ids, return_inverse=True)
-        total = np.bincount(inv, weights=scores[hist].reshape(-1)).astype(np.float32)
+        uniq, summed = sum_by_id(indices[hist].reshape(-1), scores[hist].reshape(-1))
+        total = summed.astype(np.float32)
         top = np.argsort(-total, kind="stable")[:k]
         return uniq[top], total[top]
 

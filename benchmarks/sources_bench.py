@@ -90,7 +90,9 @@ def main() -> None:
 
     # Serve from one directory: merge the per-source builds' folders under one root.
     root = work / "build"
-    if root.exists():
+    if root.is_symlink():  # builds are published as a link into .build.builds/
+        root.unlink()
+    elif root.exists():
         import shutil
 
         shutil.rmtree(root)

@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from retrieval.errors import InputError
+from sources.vector_index import unit_rows
 
 __all__ = ["EVENT_TYPES", "SynthStats", "synthesize"]
 
@@ -295,7 +296,7 @@ def _write_embeddings(
     n_items, k = world.pos_item.shape[0], world.n_clusters
 
     def unit(x: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+        return unit_rows(x, dtype=np.float64)
 
     centroid = unit(rng.standard_normal((k, EMB_DIM)))
     axis_a = unit(rng.standard_normal((k, EMB_DIM)))
