@@ -11,9 +11,15 @@ __all__ = ["BreakerState", "CircuitBreaker"]
 
 
 class BreakerState(StrEnum):
+    """Where a :class:`CircuitBreaker` stands; derived from the clock on every read, so a
+    cool-down ends without anyone calling the breaker."""
+
     CLOSED = "closed"
+    """Healthy: every request calls the source."""
     OPEN = "open"
+    """Failing: no request calls the source until ``cooldown_s`` has passed."""
     HALF_OPEN = "half_open"
+    """Cool-down over: the next request probes the source, the others still skip it."""
 
 
 class CircuitBreaker:
@@ -40,6 +46,8 @@ class CircuitBreaker:
 
     @property
     def state(self) -> BreakerState:
+        """The state now (thread-safe), to inspect or monitor. Only :meth:`allow` claims
+        the probe, so reading the state changes nothing."""
         with self._lock:
             return self._state()
 
@@ -62,12 +70,16 @@ class CircuitBreaker:
             return False
 
     def success(self) -> None:
+        """The source answered: close the breaker and reset the count. One success ends any
+        run of failures, so only consecutive failures open it."""
         with self._lock:
             self._consecutive = 0
             self._opened_at = None
             self._probing = False
 
     def failure(self) -> None:
+        """The source failed or timed out on its own: count it, and open the breaker (again)
+        when the count reaches ``failures`` or the failed call was the half-open probe."""
         with self._lock:
             self._consecutive += 1
             if self._probing or self._consecutive >= self.failures:

@@ -83,10 +83,16 @@ def fit_curve(
 
 @dataclass(frozen=True)
 class Calibration:
+    """One rank curve per source, by source name, and how many users they were measured on
+    (few users: noisy curves). What the ``calibrated`` strategy reads, from
+    ``calibration.json`` beside the artifacts."""
+
     curves: Mapping[str, RankCurve]
     users: int
 
     def save(self, path: Path) -> None:
+        """Write the versioned JSON that :meth:`load` reads. Overwrites ``path`` in place, not
+        atomically: write it before a retriever that loads it starts."""
         data = {
             "format_version": FORMAT_VERSION,
             "users": self.users,

@@ -111,6 +111,8 @@ class RequestLimits:
     max_history: int = 1_000
 
     def check(self, request: Request) -> None:
+        """Return quietly, or raise ``RequestTooLarge`` (an ``InputError``) naming the first
+        field over its cap and the config key that sets it. Counts only: O(1)."""
         for field_name, n, cap in (
             ("exclude", len(request.exclude), self.max_exclude),
             ("seed_items", len(request.seed_items), self.max_seed_items),
@@ -148,6 +150,7 @@ class SourceSlot:
 
     @property
     def name(self) -> str:
+        """The source's configured name: the key of its report, its rank column and its lane."""
         return self.source.name
 
 
@@ -189,6 +192,20 @@ class BlendContext:
 
 
 class Blender:
+    """The fan-out and the merge over a fixed list of source slots; one per config, shared by
+    every request thread.
+
+    It owns one lane per source (``workers`` daemon threads each, made here, never per request;
+    a full lane sheds the call) and a side lane for work off the request path. It uses the
+    breaker each slot carries. A blend runs ``STEPS`` (prepare, gate, fan_out, wait, collect,
+    require, lists, merge, backfill, result; the module docstring says what each does).
+
+    ``blend``/``ablend`` never raise for a source's failure, which becomes that source's report;
+    they raise only for the request (``RequestTooLarge``, ``InputError``/``IdError``) or a
+    ``required`` source (``RequiredSourceError``). ``close`` stops the lanes; a blend after it
+    raises ``RuntimeError``.
+    """
+
     def __init__(
         self,
         slots: Sequence[SourceSlot],

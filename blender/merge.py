@@ -37,6 +37,10 @@ class SourceList:
 
 @dataclass(slots=True)
 class Merged:
+    """The merged slate, best first and at most k long: the columns a ``CandidateSet`` is made
+    of. ``ranks[i, j]`` is candidate ``i``'s 0-based rank in source ``j``'s list (``j`` in
+    config order, whether or not that source answered), -1 where it did not return it."""
+
     item_ids: npt.NDArray[Any]
     scores: npt.NDArray[np.float32]
     ranks: npt.NDArray[np.int32]  # (n, n_sources), -1 where absent

@@ -168,10 +168,12 @@ class CSR:
 
     @property
     def n_rows(self) -> int:
+        """Rows the lists cover (``len(indptr) - 1``): valid rows for :meth:`row` are below it."""
         return int(self.indptr.shape[0]) - 1
 
     @property
     def nnz(self) -> int:
+        """Neighbour entries stored over all rows: what the arrays' size (and memory) scale with."""
         return int(self.indices.shape[0])
 
     def row(self, i: int) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
@@ -308,6 +310,7 @@ class IdMap:
 
     @property
     def is_str(self) -> bool:
+        """True for a map of string ids, False for int64 ids: decides how lookups are coerced."""
         return self.values.dtype.kind == "U"
 
     def __len__(self) -> int:
@@ -447,6 +450,8 @@ class Manifest(BaseModel):
         return entry
 
     def to_json(self) -> str:
+        """The text of ``manifest.json``: sorted keys and numpy values made plain, so two
+        manifests of the same build diff cleanly. Raises TypeError on a value JSON cannot hold."""
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True, default=_jsonable)
 
 
@@ -937,6 +942,8 @@ class ArtifactWriter:
 
     @property
     def builds_dir(self) -> Path:
+        """``.<out>.builds`` beside ``out``: every build's own directory (and the lock) lives
+        here, on the same file system as the link, so publishing stays one rename."""
         return self.out_dir.parent / f".{self.out_dir.name}.builds"
 
     @property

@@ -96,15 +96,20 @@ class Deadline:
 
     @classmethod
     def in_ms(cls, ms: float) -> Deadline:
+        """The deadline ``ms`` milliseconds from now on the monotonic clock (wall-clock jumps
+        cannot move it)."""
         return cls(time.monotonic() + ms / 1000.0)
 
     def remaining_ms(self) -> float:
+        """Milliseconds left; negative once passed (clamp before using it as a timeout)."""
         return (self.at - time.monotonic()) * 1000.0
 
     def expired(self) -> bool:
+        """Whether the deadline has passed: the cheap check a source's loop makes to stop early."""
         return time.monotonic() >= self.at
 
     def earlier(self, other: Deadline) -> Deadline:
+        """The tighter of the two, so a per-source timeout never outlives the blend's deadline."""
         return self if self.at <= other.at else other
 
     def __repr__(self) -> str:
@@ -112,11 +117,28 @@ class Deadline:
 
 
 class SourceStatus(StrEnum):
+    """How one source's call for one request ended (:attr:`SourceReport.status`).
+
+    Only ``ok`` contributed candidates. Only ``error``, and a ``timeout`` that had a fair share
+    of its budget, count against the source's circuit breaker; ``skipped``, ``shed`` and
+    ``circuit_open`` are not the source's own failure. A result whose every report is ``ok``
+    or ``skipped`` is complete (the only kind the result cache keeps).
+    """
+
     OK = "ok"
+    """Answered in time and passed the contract check; its list (possibly empty) was merged."""
     TIMEOUT = "timeout"
+    """Started, but no answer by its deadline (its own timeout or the blend's): abandoned,
+    not waited for."""
     ERROR = "error"
+    """Raised, or answered in breach of the contract: dropped for this source alone (the blend
+    fails only when the source is ``required``)."""
     SKIPPED = "skipped"
+    """Could not serve this request (a need unmet, e.g. no history, or it raised
+    ``SkipSource``): a normal outcome, not a failure."""
     CIRCUIT_OPEN = "circuit_open"
+    """Not asked: its breaker is open after repeated failures (or another request holds the
+    half-open probe)."""
     SHED = "shed"
     """Not run: the source's calls in flight were at their cap, or it could not start in time."""
 
@@ -133,6 +155,7 @@ class SourceReport:
     error: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the status as its string value, latency in ms rounded to microseconds."""
         return {
             "name": self.name,
             "status": self.status.value,
@@ -174,6 +197,8 @@ class CandidateSet:
     def empty(
         cls, source_names: tuple[str, ...], reports: tuple[SourceReport, ...]
     ) -> CandidateSet:
+        """A result with no candidates but every source's report: the shape is the same as a
+        full one (ranks has one column per source), so callers need no special case."""
         return cls(
             item_ids=np.empty(0, dtype=np.int64),
             scores=np.empty(0, dtype=np.float32),
@@ -201,6 +226,8 @@ class CandidateSet:
         )
 
     def sources_of(self, i: int) -> tuple[str, ...]:
+        """The names of the sources that returned candidate ``i``, in ``source_names`` order
+        (a backfilled candidate names the fallback)."""
         return self[i].sources
 
     def from_source(self, name: str) -> npt.NDArray[np.bool_]:
@@ -209,12 +236,16 @@ class CandidateSet:
         return self.ranks[:, j] >= 0
 
     def report(self, name: str) -> SourceReport:
+        """Source ``name``'s report for this request; KeyError (listing the names) if there
+        is no such source."""
         for r in self.reports:
             if r.name == name:
                 return r
         raise KeyError(f"no source named {name!r}; sources: {', '.join(self.source_names)}")
 
     def to_dict(self, with_candidates: bool = True) -> dict[str, Any]:
+        """JSON-ready: counts, timings (ms), store status and reports, plus each candidate's
+        id, score and per-source ranks unless ``with_candidates`` is False (a cheap summary)."""
         out: dict[str, Any] = {
             "count": len(self),
             "elapsed_ms": round(self.elapsed_ms, 3),
@@ -230,6 +261,7 @@ class CandidateSet:
         return out
 
     def to_json(self, with_candidates: bool = True) -> str:
+        """:meth:`to_dict` as one line of JSON (what the CLI prints with ``--json``)."""
         return json.dumps(self.to_dict(with_candidates))
 
 
@@ -237,11 +269,20 @@ class WeightedEvents(Protocol):
     """What :func:`event_weight_vector` reads of an event log (``retrieval.offline.events``)."""
 
     @property
-    def weights(self) -> npt.NDArray[Any]: ...
+    def weights(self) -> npt.NDArray[Any]:
+        """Each event's own weight (1 when the log has no weight column), one per event."""
+        ...
+
     @property
-    def event_types(self) -> npt.NDArray[Any] | None: ...
+    def event_types(self) -> npt.NDArray[Any] | None:
+        """Each event's type as a code into ``event_type_names``; None when the log has no
+        event types (every event then weighs its ``weights`` alone)."""
+        ...
+
     @property
-    def event_type_names(self) -> Sequence[str]: ...
+    def event_type_names(self) -> Sequence[str]:
+        """The type names the codes of ``event_types`` index."""
+        ...
 
 
 def event_weight_vector(

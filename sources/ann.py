@@ -85,67 +85,174 @@ _SIDECAR_CHECKS: dict[str, Callable[[Mapping[str, Any], Path, Path], None]] = {
 
 
 class AnnParams(SourceParams):
-    """``embeddings``/``embedding_ids``: relative paths resolve against the build's working
-    directory (the builder only sees params). Without ``embedding_ids`` the rows must follow the
-    event log's item map (sorted external ids).
+    """Nearest neighbours of a query vector among item embeddings: the user's own
+    (``embeddings``, e.g. a two-tower model's item tower) or ALS factors learned from the log
+    (``factors``, ``regularization``, ``iterations``, ``alpha``), searched by ``backend``.
 
-    ``user_vector`` picks the query for a user ALS trained on: ``history`` re-solves it from the
-    request's recent items whenever any are known (the trained factors average the whole log's
-    drifting taste: re-solved vectors found many times more next items on the synthetic log);
-    ``trained`` uses the trained factors unless the history is newer than the build.
+    The query is the request's ``vector``; else, with ALS, the user's vector re-solved from the
+    last ``history`` items (new users' too) or the user's trained factors, as ``user_vector``
+    picks; with ``embeddings``, the recency-weighted mean of those items' vectors (given
+    embeddings have no model to re-solve with). A request with none of these skips the source.
 
     History items stay candidates, ranked by their score like any other item (as the neighbour
     sources keep them; ``blend.exclude_seen`` is the filter that drops seen items): a re-solved
     session ranks its own items high, and where many next items are re-visits (DIGINETICA)
     dropping them costs much of the recall (textbook ALS: implicit's ``recommend`` loses the
-    same with ``filter_already_liked_items``).
-    ``exclude_history: true`` drops them in the source. Seed items are never returned.
+    same with ``filter_already_liked_items``). ``exclude_history: true`` drops them in the
+    source. Seed items are never returned.
 
-    ``metric``: unset means ``dot`` for ALS embeddings (ALS's own score: x_u . y_i is what it
-    fits to the preference) and ``angular`` for user-supplied ones (two-tower vectors are usually
-    trained for cosine); set it to override either. It is worth measuring per log: on
-    DIGINETICA cosine over the same ALS vectors found more next items than dot, which favours
-    long, popular vectors.
-
-    ``alpha`` scales ALS's confidence (c = alpha x weighted count). The default is the 40 of Hu,
-    Koren and Volinsky (2008), who introduced this model; 1 left the observed items barely
-    weighted above the unobserved ones. The best value depends on the log: ``retrieval tune``
-    searches it per log.
-
-    ``backend``: ``auto`` is ``exact`` (every item scored; no index) up to ``EXACT_MAX_ITEMS``
-    items, where that is as fast as faiss IVF at k = 1,000, and ``faiss`` above. ``faiss`` builds
-    an IVF index: ``nlist`` lists (default ~4 sqrt(n)), ``nprobe`` scanned per query (default:
-    the smallest that reached ``target_recall`` at build, measured with serving's metric and
-    query rule), ``storage`` flat or sq8 (4x smaller; the best ``rerank`` candidates are
-    re-scored exactly), ``balance_lists`` splits oversized k-means lists. ``annoy`` is only used
-    when asked for: ``n_trees``/``search_k``/``on_disk_build`` are its knobs.
+    ``n_trees``, ``search_k`` and ``on_disk_build`` apply to ``backend: annoy`` only; ``nlist``,
+    ``nprobe``, ``storage``, ``rerank``, ``balance_lists`` and ``target_recall`` to the faiss
+    IVF index (``backend: faiss``, or ``auto`` above its exact-search limit).
     """
 
-    embeddings: str | None = None
-    embedding_ids: str | None = None
-    factors: int = Field(64, ge=1, le=4096)
-    regularization: float = Field(0.01, ge=0)
-    iterations: int = Field(15, ge=1)
-    alpha: float = Field(40.0, gt=0)
-    event_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
-    metric: Literal["angular", "dot", "euclidean"] | None = None
-    n_trees: int = Field(32, ge=1, le=10_000)
-    search_k: int = -1
-    on_disk_build: bool | None = None
-    history: int = Field(20, ge=0, le=10_000)
-    recency_decay: float = Field(0.9, gt=0, le=1)
-    user_vector: Literal["history", "trained"] = "history"
-    exclude_history: bool = False
-    seed: int = 0
-    backend: Literal["auto", "exact", "faiss", "annoy"] = "auto"
-    nlist: int | None = Field(None, ge=1)
-    nprobe: int | None = Field(None, ge=1)
-    storage: Literal["flat", "sq8"] = "flat"
-    rerank: int = Field(2000, ge=0)
-    balance_lists: bool = True
-    # faiss: the build measures recall@1000 against exact search for users sampled from the log
-    # and keeps the smallest nprobe (doubling) that reaches this; ``nprobe`` overrides it.
-    target_recall: float = Field(0.97, gt=0, le=1)
+    embeddings: str | None = Field(
+        None,
+        description="Path of a `.npy` matrix of item embeddings, one finite row per item (e.g. "
+        "a two-tower model's item tower); unset: ALS learns them from the log. A relative path "
+        "resolves against the build's working directory (the builder only sees params).",
+    )
+    embedding_ids: str | None = Field(
+        None,
+        description="Path of a `.npy` array of item ids, one per `embeddings` row (no "
+        "duplicates); only with `embeddings`. Unset: the rows follow the event log's item map "
+        "(sorted external ids) and must be as many as the log's items.",
+    )
+    factors: int = Field(
+        64,
+        ge=1,
+        le=4096,
+        description="ALS: dimensions of the learned item and user vectors (unused with "
+        "`embeddings`).",
+    )
+    regularization: float = Field(
+        0.01,
+        ge=0,
+        description="ALS: L2 penalty on the factors, at training and when a user's vector is "
+        "re-solved from history.",
+    )
+    iterations: int = Field(15, ge=1, description="ALS: alternating passes over users and items.")
+    alpha: float = Field(
+        40.0,
+        gt=0,
+        description="ALS: confidence scale, c = alpha x weighted count, at training and when "
+        "re-solving a user. 40 is the value of Hu, Koren and Volinsky (2008), who introduced "
+        "the model; 1 leaves observed items barely weighted above unobserved ones. The best "
+        "value depends on the log: `retrieval tune` searches it.",
+    )
+    event_weights: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS),
+        description="Weight of each event type (unknown types weigh 1), times the log's weight "
+        "column: the counts ALS learns from, and the weights of the history items the query is "
+        "built from.",
+    )
+    metric: Literal["angular", "dot", "euclidean"] | None = Field(
+        None,
+        description="Similarity searched: `angular` (cosine), `dot` (inner product) or "
+        "`euclidean` (scores are minus the distance). Unset: `dot` for ALS (x_u . y_i is the "
+        "score ALS fits to the preference) and `angular` for `embeddings` (two-tower vectors "
+        "are usually trained for cosine). Worth measuring per log: cosine over ALS vectors can "
+        "beat dot, which favours long, popular vectors.",
+    )
+    n_trees: int = Field(
+        32,
+        ge=1,
+        le=10_000,
+        description="annoy: trees in the index; more find more true neighbours for a larger "
+        "index and a longer build.",
+    )
+    search_k: int = Field(
+        -1,
+        description="annoy: nodes visited per query (more: better recall, slower); 0 or less: "
+        "`n_trees` x the results asked for. Shrunk when the deadline is close.",
+    )
+    on_disk_build: bool | None = Field(
+        None,
+        description="annoy: build the index in its file instead of in memory; unset: on disk "
+        "above a million items.",
+    )
+    history: int = Field(
+        20,
+        ge=0,
+        le=10_000,
+        description="Most recent history items the query vector is re-solved (ALS) or averaged "
+        "(`embeddings`) from; 0: none (the request's vector, its seed items or the trained "
+        "factors).",
+    )
+    recency_decay: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Weight of a history item relative to the next newer one (the newest "
+        "weighs 1); 1.0: equal weights.",
+    )
+    user_vector: Literal["history", "trained"] = Field(
+        "history",
+        description="The query for a user ALS trained on. `history`: re-solved from the "
+        "request's recent items whenever any are known, since the trained factors average the "
+        "whole log's drifting taste (re-solved vectors found far more next items: "
+        "benchmarks/README.md); `trained`: the trained factors, unless the request has seed "
+        "items or a history newer than the build (a history without timestamps counts as "
+        "newer).",
+    )
+    exclude_history: bool = Field(
+        False,
+        description="Drop the history items from this source's results. Off by default: they "
+        "stay candidates, and `blend.exclude_seen` is the one filter for seen items. Seed items "
+        "are never returned either way.",
+    )
+    seed: int = Field(
+        0,
+        description="Random seed of the build: ALS's initial factors, faiss's k-means, annoy's "
+        "trees and the users sampled to calibrate `nprobe`.",
+    )
+    backend: Literal["auto", "exact", "faiss", "annoy"] = Field(
+        "auto",
+        description=f"`exact`: every item scored, no index; `faiss`: an IVF index; `annoy`: "
+        f"an annoy forest, only when asked for (far lower recall than exact search at little "
+        f"more speed where it was measured: benchmarks/README.md). `auto`: `exact` up to "
+        f"{EXACT_MAX_ITEMS:,} items (`EXACT_MAX_ITEMS`: as fast as faiss there, with no index "
+        f"and full recall), `faiss` above.",
+    )
+    nlist: int | None = Field(
+        None,
+        ge=1,
+        description="faiss: k-means lists the items are split into; unset: about 4 sqrt(n) "
+        "(at most n / 8); `balance_lists` may add more.",
+    )
+    nprobe: int | None = Field(
+        None,
+        ge=1,
+        description="faiss: lists scanned per query (more: better recall, slower); unset: the "
+        "smallest that reached `target_recall` at build, scaled up for k above 1,000. Shrunk "
+        "when the deadline is close.",
+    )
+    storage: Literal["flat", "sq8"] = Field(
+        "flat",
+        description="faiss: `flat` keeps float32 vectors and exact scores; `sq8` one byte per "
+        "dimension, 4x smaller with approximate scores (see `rerank`).",
+    )
+    rerank: int = Field(
+        2000,
+        ge=0,
+        description="faiss with `storage: sq8`: the best this many candidates (at least k) are "
+        "re-scored exactly from the item vectors; 0: sq8's approximate scores as they are. "
+        "Unused with `flat`.",
+    )
+    balance_lists: bool = Field(
+        True,
+        description="faiss: split every k-means list larger than twice the mean by a k-means "
+        "of its own members; clustered catalogues otherwise put several times the mean in a "
+        "few lists, and the queries that hit them set the p99.",
+    )
+    target_recall: float = Field(
+        0.97,
+        gt=0,
+        le=1,
+        description="faiss: the build measures recall@1000 against exact search for users "
+        "sampled from the log, with serving's metric and query rule, and keeps the smallest "
+        "`nprobe` (doubling) that reaches this; a configured `nprobe` overrides it.",
+    )
 
     serving_params = frozenset(
         {

@@ -186,4 +186,5 @@ class AnnoySearch:
         return rows, scores
 
     def close(self) -> None:
+        """Unmap the index file (annoy's ``unload``); no search may follow."""
         self.index.unload()

@@ -73,7 +73,7 @@ class SourceParams(BaseModel):
 
 
 class NoParams(SourceParams):
-    pass
+    """The params of a source that takes none: ``params`` must be empty (or left out)."""
 
 
 class Need(StrEnum):
@@ -90,9 +90,17 @@ class StoreView(Protocol):
 
     def history(
         self, user_id: UserId, limit: int | None = None
-    ) -> tuple[list[ItemId], list[float], list[str]]: ...
+    ) -> tuple[list[ItemId], list[float], list[str]]:
+        """The user's newest ``limit`` events (``None``: every kept one), oldest first, as item
+        ids, timestamps (seconds) and event types; empty for an unknown user, and when the
+        store fails. Never raises."""
+        ...
 
-    def popular(self, segment: str | None, limit: int) -> tuple[list[ItemId], list[float]]: ...
+    def popular(self, segment: str | None, limit: int) -> tuple[list[ItemId], list[float]]:
+        """The live top ``limit`` items of ``segment`` (a ``"<column>=<value>"`` key; ``None``:
+        global) and their weights decayed to now, best first; empty when nothing was recorded
+        there, and when the store fails. Never raises."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -142,6 +150,8 @@ class Source(ABC, Generic[P]):
             cls._declares_params = True
 
     def __init__(self, name: str, params: P, context: SourceContext) -> None:
+        """Keep the source's YAML ``name``, its validated ``params`` and the ``context``; a
+        ``TypeError`` when a class that declares its ``Params`` gets params of another class."""
         expected = type(self).Params
         if type(self)._declares_params and not isinstance(params, expected):
             raise TypeError(
@@ -185,6 +195,9 @@ class Source(ABC, Generic[P]):
 
     @classmethod
     def learns(cls) -> bool:
+        """True when the class overrides ``build``: it learns from the event log, so ``retrieval
+        build`` builds it, its artifacts are checked against its params at load, and params
+        outside ``Params.serving_params`` need a new build when they change."""
         return cls.build.__func__ is not Source.build.__func__  # type: ignore[attr-defined]
 
     def close(self) -> None:  # optional hook: most sources hold nothing

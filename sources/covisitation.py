@@ -35,27 +35,101 @@ _PAIRS_PER_PARTITION = 60_000_000
 
 
 class CovisitationParams(SourceParams):
-    """A pair a -> b weighs b's event: its ``weight`` column times ``event_weights[type]``
-    (unknown types 1), times ``1 / d`` for a pair ``d`` events apart (``distance_weight:
-    inverse``), times ``2 ** (-age / half_life)`` when time decay is on, age measured from the
-    log's last event. ``chunk_events`` only trades build memory for passes."""
+    """Items seen together in sessions. Every pair of events at most ``window`` apart in one
+    session adds a weight to (a, b): b's event's ``weight`` column times
+    ``event_weights[type]`` (unknown types 1), times ``1 / d`` for a pair ``d`` events apart
+    (``distance_weight: inverse``), times ``2 ** (-age / half_life)`` when time decay is on,
+    age measured from the log's last event. Each item keeps its ``top_k`` best neighbours.
 
-    window: int = Field(10, ge=1, le=1000)
-    # inverse: the closer two views, the more related (the 1/d of sequential rules in Ludewig
-    # & Jannach's session-based baselines, 2018); constant: every pair in the window counts 1
-    distance_weight: Literal["constant", "inverse"] = "inverse"
-    session_gap_s: float = Field(1800.0, gt=0)
-    event_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
-    time_decay_half_life_days: float | None = Field(None, gt=0)
-    direction: Literal["symmetric", "forward"] = "symmetric"
-    top_k: int | None = Field(100, ge=1)  # None: every neighbour
-    history: int = Field(20, ge=1, le=10_000)
-    recency_decay: float = Field(0.9, gt=0, le=1)
-    # a history item's own score: weight x self_weight x its row's top score
-    self_weight: float = Field(1.0, ge=0)
-    expand_decay: float = Field(0.5, ge=0, le=1)  # second hop when short of k; 0: off
-    chunk_events: int = Field(2_000_000, ge=1)
-    backend: Literal["local", "redis"] = "local"  # redis: rows pushed by `retrieval push`
+    Serving sums the neighbour lists of the request's last ``history`` items and its seed
+    items, each weighted by recency and event type; history items stay candidates (see
+    ``self_weight``), seed items are never returned. When that finds fewer than k, a second
+    hop (``expand_decay``) adds the neighbours of the best candidates.
+    """
+
+    window: int = Field(
+        10,
+        ge=1,
+        le=1000,
+        description="Largest distance, in events of one session, between the two events of a pair.",
+    )
+    distance_weight: Literal["constant", "inverse"] = Field(
+        "inverse",
+        description="`inverse`: a pair `d` events apart counts `1 / d`, the closer two views "
+        "the more related (the 1/d of sequential rules in Ludewig & Jannach's session-based "
+        "baselines, 2018); `constant`: every pair in the window counts 1.",
+    )
+    session_gap_s: float = Field(
+        1800.0,
+        gt=0,
+        description="Without a `session_id` column, a user's events split into sessions "
+        "wherever two are more than this many seconds apart (30 minutes, the usual web "
+        "session timeout). Unused when the log has sessions.",
+    )
+    event_weights: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS),
+        description="Weight of each event type (unknown types weigh 1), times the log's weight "
+        "column: a pair a -> b weighs b's event (a cart after a view counts more than a view "
+        "after a cart); at serving, each history item's weight.",
+    )
+    time_decay_half_life_days: float | None = Field(
+        None,
+        gt=0,
+        description="Half-life, in days, of a pair's weight by the age of its later event, "
+        "measured from the log's last event; unset: no time decay.",
+    )
+    direction: Literal["symmetric", "forward"] = Field(
+        "symmetric",
+        description="`symmetric`: a pair counts both ways; `forward`: only from the earlier "
+        "event's item to the later one's (\"what people went on to do after a\").",
+    )
+    top_k: int | None = Field(
+        100,
+        ge=1,
+        description="Neighbours kept per item, best first; null: every neighbour.",
+    )
+    history: int = Field(
+        20,
+        ge=1,
+        le=10_000,
+        description="Most recent history items whose neighbour lists are summed per request.",
+    )
+    recency_decay: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Weight of a history item relative to the next newer one (the newest "
+        "weighs 1); 1.0: equal weights.",
+    )
+    self_weight: float = Field(
+        1.0,
+        ge=0,
+        description="A history item's own score: its weight x `self_weight` x its row's top "
+        "score (an item is as close to itself as to its best neighbour; co-visitation counts "
+        "no self pairs), on top of what the other history items' rows give it. 0: history items "
+        "score only through the other items' rows.",
+    )
+    expand_decay: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Second hop, when the history's neighbours are fewer than k: the "
+        "neighbours of the best first-hop candidates follow every first-hop one, the best at "
+        "`expand_decay` x the weakest first-hop score (any value above 0 ranks the same; it "
+        "sets the scores). 0 turns the second hop off. Skipped when the deadline is close.",
+    )
+    chunk_events: int = Field(
+        2_000_000,
+        ge=1,
+        description="Events per pair-counting chunk of the build (a chunk never cuts a "
+        "session): only trades build memory for passes, the neighbours stay the same.",
+    )
+    backend: Literal["local", "redis"] = Field(
+        "local",
+        description="`local`: serve the built artifacts; `redis`: serve rows pushed by "
+        "`retrieval push` from the store (`store.kind: redis`), for hosts without local "
+        "artifacts.",
+    )
 
     serving_params = frozenset(
         {"history", "recency_decay", "self_weight", "expand_decay", "chunk_events", "backend"}

@@ -43,18 +43,85 @@ __all__ = [
 
 
 class ItemCFParams(SourceParams):
-    model: Literal["cosine", "bm25", "tfidf"] = "cosine"
-    neighbours: int = Field(100, ge=1, le=10_000)
-    bm25_k1: float = Field(1.2, gt=0)
-    bm25_b: float = Field(0.75, ge=0, le=1)
-    event_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
-    history: int = Field(20, ge=1, le=10_000)
-    recency_decay: float = Field(0.9, gt=0, le=1)
-    expand_decay: float = Field(0.5, ge=0, le=1)  # second hop when short of k; 0: off
-    # Heavy users (crawlers, shared accounts) add n^2 item pairs each and mostly noise: only
-    # each user's most recently touched items count. None: every item of every user.
-    max_user_items: int | None = Field(500, ge=2)
-    backend: Literal["local", "redis"] = "local"  # redis: rows pushed by `retrieval push`
+    """Items liked by the same users. The build sums each user's event weights per item into a
+    user x item matrix ``W`` (each user's ``max_user_items`` most recent items only), weighs it
+    as implicit's cosine, BM25 or TF-IDF nearest-neighbour model does (``model``) and keeps each
+    item's ``neighbours`` most similar items by ``W^T W`` without dropping its own entry: the
+    self-similarity (1 for cosine) is what brings a re-visited item back, as in implicit.
+
+    Serving is co-visitation's: the neighbour lists of the request's last ``history`` items and
+    its seed items, weighted by recency and event type, summed; history items stay candidates,
+    seed items are never returned; a second hop (``expand_decay``) when short of k.
+    """
+
+    model: Literal["cosine", "bm25", "tfidf"] = Field(
+        "cosine",
+        description="How the user x item matrix is weighed before `W^T W`, as implicit's model "
+        "of the same name: `cosine` (each item's column scaled to unit length), `bm25` (see "
+        "`bm25_k1`, `bm25_b`) or `tfidf` (square root of each cell, times an inverse frequency "
+        "that weighs users of many items less, then unit length).",
+    )
+    neighbours: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description="Most similar items kept per item, best first; the item's own entry (its "
+        "self-similarity) competes for a place like any other.",
+    )
+    bm25_k1: float = Field(
+        1.2,
+        gt=0,
+        description="`bm25` only: saturation of a user's summed weight on an item; the larger, "
+        "the longer repeated events keep adding. 1.2 and `bm25_b` 0.75 are the usual BM25 "
+        "values, and implicit's `BM25Recommender` defaults.",
+    )
+    bm25_b: float = Field(
+        0.75,
+        ge=0,
+        le=1,
+        description="`bm25` only: how much an item's total weight, relative to the mean item's, "
+        "scales its entries down (0: not at all, 1: fully).",
+    )
+    event_weights: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS),
+        description="Weight of each event type (unknown types weigh 1), times the log's weight "
+        "column: the matrix's cells, and at serving each history item's weight.",
+    )
+    history: int = Field(
+        20,
+        ge=1,
+        le=10_000,
+        description="Most recent history items whose neighbour lists are summed per request.",
+    )
+    recency_decay: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Weight of a history item relative to the next newer one (the newest "
+        "weighs 1); 1.0: equal weights.",
+    )
+    expand_decay: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Second hop, when the history's neighbours are fewer than k: the "
+        "neighbours of the best first-hop candidates follow every first-hop one, the best at "
+        "`expand_decay` x the weakest first-hop score (any value above 0 ranks the same; it "
+        "sets the scores). 0 turns the second hop off. Skipped when the deadline is close.",
+    )
+    max_user_items: int | None = Field(
+        500,
+        ge=2,
+        description="Only each user's this many most recently touched items count: heavy users "
+        "(crawlers, shared accounts) add n^2 item pairs each, mostly noise. null: every item of "
+        "every user.",
+    )
+    backend: Literal["local", "redis"] = Field(
+        "local",
+        description="`local`: serve the built artifacts; `redis`: serve rows pushed by "
+        "`retrieval push` from the store (`store.kind: redis`), for hosts without local "
+        "artifacts.",
+    )
 
     serving_params = frozenset({"history", "recency_decay", "expand_decay", "backend"})
     build_version = 2  # 2: rows keep each item's self-similarity (re-visits come back)

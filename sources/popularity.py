@@ -56,16 +56,80 @@ _DAY_S = 86_400.0
 
 
 class PopularityParams(SourceParams):
-    half_life_days: float = Field(7.0, gt=0)
-    event_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
-    segments: list[str] = Field(default_factory=list)
-    mode: Literal["decayed", "trending"] = "decayed"
-    trending_window_days: float = Field(1.0, gt=0)
-    baseline_days: float = Field(14.0, gt=0)
-    trending_smoothing: float = Field(5.0, gt=0)
-    top_n: int = Field(10_000, ge=1)
-    live_weight: float = Field(1.0, ge=0)
-    live_top: int = Field(100, ge=0)
+    """Popular items: the fallback that backfills blends and serves cold users. The build ranks
+    every item by its weighted event count, time-decayed (``mode: decayed``) or rising against
+    a baseline (``mode: trending``), and keeps the best ``top_n`` per list: one global list and
+    one per value of each ``segments`` column.
+
+    A request gets the list of the first segment whose value its ``context`` holds (and the
+    build saw), else the global list; a segment list shorter than k is topped up from the global
+    one, scored below it. Live counts (events recorded with ``record()``, in the store's
+    decayed popularity counters) are added to it with ``live_weight``: the retriever reads them
+    in its one store round trip, so this source never reads the store itself. An unknown user
+    gets the same lists: this source never fails for one.
+    """
+
+    half_life_days: float = Field(
+        7.0,
+        gt=0,
+        description="`decayed`: an event's weight halves every this many days of age, measured "
+        "from the log's newest event. Unused by `trending`.",
+    )
+    event_weights: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS),
+        description="Weight of each event type (unknown types weigh 1), times the log's weight "
+        "column: what an event adds to its item's count.",
+    )
+    segments: list[str] = Field(
+        default_factory=list,
+        description="Segment columns of the event log (e.g. `country`; the build fails on "
+        "one the log lacks) that get a list per value, besides the global list. A request "
+        "uses the first whose value is in its `context`.",
+    )
+    mode: Literal["decayed", "trending"] = Field(
+        "decayed",
+        description="`decayed`: time-decayed weighted counts (`half_life_days`); `trending`: "
+        "the count of the last `trending_window_days` against the one the `baseline_days` "
+        "before it predict, `(recent + m) / (expected + m)` with m = `trending_smoothing`; "
+        "items with no recent event are left out.",
+    )
+    trending_window_days: float = Field(
+        1.0,
+        gt=0,
+        description="`trending`: the recent window, in days back from the log's newest event.",
+    )
+    baseline_days: float = Field(
+        14.0,
+        gt=0,
+        description="`trending`: days before the window whose rate gives each item's expected "
+        "count for the window.",
+    )
+    trending_smoothing: float = Field(
+        5.0,
+        gt=0,
+        description="`trending`: pseudo-events added to both the recent and the expected count, "
+        'so that 1 against 0 is not "infinitely rising"; larger values favour items with more '
+        "recent events.",
+    )
+    top_n: int = Field(
+        10_000,
+        ge=1,
+        description="Items kept per list (the global one and each segment value's), best first.",
+    )
+    live_weight: float = Field(
+        1.0,
+        ge=0,
+        description="Factor on the live counts before they are added to the build's scores; 0: "
+        "the build alone. In `trending` mode build scores are ratios, not counts: lower it "
+        "accordingly. Only serving reads it, but it stays in the build's hash so older builds "
+        "still match.",
+    )
+    live_top: int = Field(
+        100,
+        ge=0,
+        description="Live items folded in per list: the top this many of the served list's "
+        "live counts (at most k); 0: none.",
+    )
 
     serving_params = frozenset({"live_top"})  # live_weight stays hashed: older builds match
 

@@ -24,9 +24,32 @@ __all__ = ["RecentParams", "RecentSource"]
 
 
 class RecentParams(SourceParams):
-    history: int = Field(50, ge=1, le=100_000)
-    recency_decay: float = Field(0.9, gt=0.0, le=1.0)
-    event_weights: dict[str, float] = Field(default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS))
+    """The user's own recent items: each item of the last ``history`` events scores the sum of
+    its events' weights, an event ``j`` steps back from the newest weighing
+    ``recency_decay ** j`` times its event type's weight. Nothing to build. Inert while
+    ``blend.exclude_seen`` is on (every item it returns has been seen): use it with
+    ``exclude_seen: false``.
+    """
+
+    history: int = Field(
+        50,
+        ge=1,
+        le=100_000,
+        description="Most recent history events scored (the store keeps `store.history_len` "
+        "per user; a request may carry `limits.max_history`).",
+    )
+    recency_decay: float = Field(
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description="Weight of an event relative to the next newer one (the newest weighs 1); "
+        "1.0: equal weights, so items rank by how often and how strongly they were touched.",
+    )
+    event_weights: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_EVENT_WEIGHTS),
+        description="Weight of each event type (unknown types weigh 1); a history without "
+        "event types weighs every event 1.",
+    )
 
 
 @register("recent")

@@ -33,24 +33,36 @@ SELF_CHECK_TOL = 0.02
 class VectorIndex(Protocol):
     """Top-``k`` search over a fixed matrix of ``n_items`` item vectors (row ``i`` = item ``i``).
 
-    ``search(query, k, deadline)``: ``query`` is one float32 vector of the index's dimension
-    (a unit vector when the metric is ``angular``); the answer is ``(rows, scores)``: at most
-    ``k`` distinct int64 row numbers, best first, and their float32 scores on the ann source's
-    scale, higher is better: cosine for ``angular``, inner product for ``dot``, minus the
-    distance for ``euclidean``. ``deadline`` (None: no hurry) may only make the search cheaper,
-    never raise. ``search`` must be safe to call from several threads at once.
-
-    ``close()`` releases the index's files; no search may follow it.
+    What a new backend implements. ``isinstance`` checks only that the three names exist, not
+    their signatures. The ann source maps rows to item ids and applies the exclusions, so an
+    index never sees an id.
     """
 
     @property
-    def n_items(self) -> int: ...
+    def n_items(self) -> int:
+        """Rows in the index, one per item vector it was built from: every row a search
+        returns is below it."""
+        ...
 
     def search(
         self, query: npt.NDArray[np.float32], k: int, deadline: Deadline | None = None
-    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]: ...
+    ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+        """The best rows for ``query`` and their scores, best first.
 
-    def close(self) -> None: ...
+        ``query`` is one float32 vector of the index's dimension (a unit vector when the
+        metric is ``angular``). Returns at most ``k`` distinct int64 rows (fewer when the
+        backend finds fewer) and float32 scores on the ann source's scale, higher is better:
+        cosine for ``angular``, inner product for ``dot``, minus the distance for
+        ``euclidean``, so results compare across backends. ``deadline`` (None: no hurry) may
+        only make the search cheaper (see :func:`scaled_to_deadline`), never make it raise.
+        Safe to call from several threads at once: a source's lane serves several requests.
+        """
+        ...
+
+    def close(self) -> None:
+        """Release the index's memory and files. No search may follow it, so it is called only
+        once no call is in flight (the retriever leaves a source with a hung call open)."""
+        ...
 
 
 def unit_rows(x: npt.ArrayLike, dtype: type[np.floating[Any]] = np.float32) -> npt.NDArray[Any]:

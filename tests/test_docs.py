@@ -13,87 +13,10 @@ import retrieval.config
 from retrieval.config import RetrievalConfig
 from retrieval.store.base import Store
 from retrieval.tools import docs
+from sources.base import NoParams, Source, SourceParams, StoreView
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-
-# Known gaps, kept visible on purpose: fields of the built-in kinds' params models (sources/*.py)
-# with no Field(description=...) yet. Those files were being edited by another engineer when the
-# config fields got their descriptions (issue 12, item 5), so these were left for later. Delete an
-# entry when its field gets a description (a stale entry fails the test), then regenerate the
-# README with `python -m retrieval.tools.docs --write README.md`. Nothing of retrieval/config.py
-# may be listed here.
-UNDESCRIBED_SOURCE_PARAMS: dict[str, set[str]] = {
-    "AnnParams": {
-        "embeddings",
-        "embedding_ids",
-        "factors",
-        "regularization",
-        "iterations",
-        "alpha",
-        "event_weights",
-        "metric",
-        "n_trees",
-        "search_k",
-        "on_disk_build",
-        "history",
-        "recency_decay",
-        "user_vector",
-        "exclude_history",
-        "seed",
-        "backend",
-        "nlist",
-        "nprobe",
-        "storage",
-        "rerank",
-        "balance_lists",
-        "target_recall",
-    },
-    "CovisitationParams": {
-        "window",
-        "distance_weight",
-        "session_gap_s",
-        "event_weights",
-        "time_decay_half_life_days",
-        "direction",
-        "top_k",
-        "history",
-        "recency_decay",
-        "self_weight",
-        "expand_decay",
-        "chunk_events",
-        "backend",
-    },
-    "ItemCFParams": {
-        "model",
-        "neighbours",
-        "bm25_k1",
-        "bm25_b",
-        "event_weights",
-        "history",
-        "recency_decay",
-        "expand_decay",
-        "max_user_items",
-        "backend",
-    },
-    "PopularityParams": {
-        "half_life_days",
-        "event_weights",
-        "segments",
-        "mode",
-        "trending_window_days",
-        "baseline_days",
-        "trending_smoothing",
-        "top_n",
-        "live_weight",
-        "live_top",
-    },
-    "RecentParams": {"history", "recency_decay", "event_weights"},
-}
-
-
-def _allowed_gaps() -> set[str]:
-    return {f"{cls}.{name}" for cls, names in UNDESCRIBED_SOURCE_PARAMS.items() for name in names}
 
 
 def test_the_readme_block_is_what_the_models_render_now() -> None:
@@ -133,21 +56,20 @@ def test_the_walk_reaches_every_model_of_the_config_module() -> None:
     }
 
 
-def test_every_field_has_a_description_or_is_a_listed_gap() -> None:
-    missing = set(docs.undocumented())
-    gaps = _allowed_gaps()
-    assert not missing - gaps, f"fields without Field(description=...): {sorted(missing - gaps)}"
-    assert not gaps - missing, (
-        f"these now have descriptions: delete them from UNDESCRIBED_SOURCE_PARAMS: "
-        f"{sorted(gaps - missing)}"
-    )
-    config_classes = {m.__qualname__ for m in docs.config_models()}
-    assert not config_classes & set(UNDESCRIBED_SOURCE_PARAMS), "config fields must be described"
+def test_every_field_has_a_description() -> None:
+    """Config and built-in params alike: no allow-list, a new field comes with its description."""
+    assert docs.undocumented() == [], "fields without Field(description=...)"
 
 
 def test_every_config_model_has_its_own_docstring() -> None:
     for model in docs.config_models():
         assert (model.__dict__.get("__doc__") or "").strip(), model.__qualname__
+
+
+def test_every_builtin_params_model_has_its_own_docstring() -> None:
+    """The reference prints it above the kind's table: a kind must not come without one."""
+    for kind, params in docs.builtin_params():
+        assert (params.__dict__.get("__doc__") or "").strip(), f"{kind}: {params.__qualname__}"
 
 
 def test_inherited_params_default_to_the_config_wide_value() -> None:
@@ -173,6 +95,19 @@ def test_the_store_protocol_documents_every_method() -> None:
     assert {"record", "fetch", "history", "popular", "cache_get", "cache_set"} <= set(methods)
     for name in methods:
         assert (getattr(Store, name).__doc__ or "").strip(), f"Store.{name} has no docstring"
+
+
+@pytest.mark.parametrize("cls", [Source, StoreView, SourceParams, NoParams])
+def test_the_source_contract_documents_every_public_method(cls: type) -> None:
+    """What a user's own source implements or is handed (``sources.base``) is documented."""
+    assert (cls.__dict__.get("__doc__") or "").strip(), f"{cls.__qualname__} has no docstring"
+    for name, fn in vars(cls).items():
+        if name.startswith("_") and name != "__init__":
+            continue
+        fn = fn.__func__ if isinstance(fn, classmethod | staticmethod) else fn
+        # defined in the class itself (typing.Protocol adds an ``__init__`` of its own)
+        if inspect.isfunction(fn) and fn.__qualname__ == f"{cls.__qualname__}.{name}":
+            assert (fn.__doc__ or "").strip(), f"{cls.__qualname__}.{name} has no docstring"
 
 
 def test_write_and_check_rewrite_only_the_block(tmp_path: Path) -> None:

@@ -62,6 +62,11 @@ class EvalError(InputError):
 
 @dataclass(frozen=True)
 class Split:
+    """What an evaluation builds on and what it scores against: built from ``train`` only, so
+    no source has seen a target. ``targets[i]`` are the distinct items ``users[i]`` touched in
+    the test part (external ids); ``cutoff`` is the split time in Unix seconds, None for a split
+    given as two files."""
+
     train: EventLog
     users: npt.NDArray[Any]  # external ids of test users
     targets: list[npt.NDArray[Any]]  # external item ids each test user touched after the cutoff
@@ -70,6 +75,10 @@ class Split:
 
 @dataclass
 class EvalReport:
+    """Every figure of one evaluation, by metric name (``recall@k``, ``p99_ms``...): each source
+    alone, the blend, its variants (other strategies on the same answers), recall curves and
+    overlap. What ``format_report``, the HTML report and ``--json`` render."""
+
     ks: list[int]
     users: int
     sources: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -82,6 +91,8 @@ class EvalReport:
     overlap: dict[str, dict[str, int]] = field(default_factory=dict)  # hits, unique hits at k
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready figures (what ``--json`` prints). Leaves out ``calibration`` (an object
+        with its own ``save``) and ``seconds`` (the CLI logs it to stderr)."""
         return {
             "k": self.ks,
             "users": self.users,
@@ -143,6 +154,9 @@ def parse_cutoff(text: str) -> float:
 
 
 def cutoff_for_fraction(events: EventLog, fraction: float) -> float:
+    """The time (Unix seconds) after which the last ``fraction`` of the events fall, counted in
+    events rather than in time, so a quiet tail still leaves test users. EvalError unless
+    ``0 < fraction < 1``."""
     if not 0 < fraction < 1:
         raise EvalError(f"--test-fraction must be between 0 and 1 (exclusive), got {fraction}")
     return float(np.quantile(events.timestamps, 1.0 - fraction))
@@ -165,6 +179,10 @@ def compact(events: EventLog) -> EventLog:
 
 
 def split_by_time(events: EventLog, cutoff: float, max_users: int | None, seed: int = 0) -> Split:
+    """Train on the events before ``cutoff``, test on those at or after it: serving only ever
+    knows the past. Train's id maps hold only what occurs before the cutoff. At most
+    ``max_users`` test users, a sample fixed by ``seed``. EvalError when the cutoff is outside
+    the log or leaves no test events."""
     ts = events.timestamps
     lo, hi = float(ts.min()), float(ts.max())
     if not lo < cutoff <= hi:
@@ -220,6 +238,9 @@ def holdout_split(events: EventLog, fraction: float, max_users: int | None, seed
 def split_from_files(
     train: EventLog, test: EventLog, max_users: int | None, seed: int = 0
 ) -> Split:
+    """A split the caller made: build on ``train``, score every user of ``test`` on the items
+    they touched there (at most ``max_users``, sampled by ``seed``). Nothing checks the two logs
+    for overlap in time; ``cutoff`` is None. EvalError when ``test`` is empty."""
     return _split(train, test.users, test.items, test, max_users, seed, None)
 
 
@@ -638,6 +659,8 @@ def metrics(
 
 
 def seen_items(split: Split) -> list[npt.NDArray[Any]]:
+    """Each test user's training items (external ids, aligned with ``split.users``; empty for
+    a user the train part does not know): what ``recall_new`` leaves out of the targets."""
     train = split.train
     dense = train.user_ids.to_dense(split.users)
     starts = np.searchsorted(train.users, dense, side="left")

@@ -106,6 +106,10 @@ _BETTER = 1e-4  # a change must gain at least this much recall to be kept
 
 @dataclass
 class Trial:
+    """One configuration tried, kept so the report can explain every choice. ``chosen`` marks
+    the one kept at the end of its stage (a source's, or the blend's); ``recall`` is NaN and
+    ``note`` says why when the trial failed."""
+
     stage: str  # "source" or "blend"
     source: str | None
     params: dict[str, Any]
@@ -117,6 +121,10 @@ class Trial:
 
 @dataclass
 class TuneResult:
+    """A tuning run: the tuned ``config`` (what ``write_tuned_yaml`` writes), every trial in
+    the order tried, and validation recall before and after. ``budget_exhausted`` says the time
+    budget cut the search short, so a longer budget may find better."""
+
     config: RetrievalConfig
     trials: list[Trial]
     k: int
@@ -155,6 +163,8 @@ class TuneResult:
         }
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (what ``retrieval tune --json`` prints): the figures, every trial and the
+        tuned config as plain data; the calibration and the report's tables are left out."""
         return {
             "k": self.k,
             "validation_users": self.users,

@@ -43,6 +43,10 @@ _ID_MAPS = ("ids/items.npy", "ids/users.npy")
 
 @dataclass(frozen=True, slots=True)
 class BuildRow:
+    """One source built by this run (sources kept by ``--only`` have none): its wall time in
+    seconds, its directory's size in bytes, and the stats its builder recorded in the
+    manifest."""
+
     name: str
     kind: str
     seconds: float
@@ -185,6 +189,8 @@ def _build_one(
 
 
 def format_summary(rows: Sequence[BuildRow], n_events: int, n_items: int) -> str:
+    """The table ``retrieval build`` prints: one line per source built, sizes in binary
+    units. Its "rows" column is ``n_events``, the events each source was built from."""
     lines = [f"{'source':<16} {'kind':<14} {'rows':>12} {'items':>10} {'time':>9} {'on disk':>10}"]
     for r in rows:
         lines.append(

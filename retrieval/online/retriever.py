@@ -134,6 +134,9 @@ class Retriever:
 
     @classmethod
     def from_yaml(cls, path: str | Path, *, store: Store | None = None) -> Retriever:
+        """A retriever for the YAML config at ``path`` (relative paths in it resolve against
+        its directory); ``ConfigError`` names each problem with its key. Pass ``store`` to
+        share one store between retrievers instead of the config's own."""
         return cls(load_config(path), store=store)
 
     # -- serving: the request path, as named steps (``SERVING_STEPS``) ----------------------
@@ -364,6 +367,12 @@ class Retriever:
         self.store.record([Event(user_id, item_id, ts, event_type, context)])
 
     def record_many(self, events: Iterable[Event]) -> None:
+        """Record a batch in one store write (one round trip on Redis), not one per event.
+
+        The whole batch is checked first: a bad event raises ``InputError`` (``IdError`` for an
+        id) naming its index and field, ``events[3].item_id``, and nothing of the batch is
+        written. ``StoreError`` (``StoreUnavailable``) when the store cannot keep the events.
+        """
         self.store.record(list(events))
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -395,6 +404,8 @@ class Retriever:
             limit.restore_original_limits()
 
     async def aclose(self) -> None:
+        """``close`` for ``async`` code. It runs on the loop's thread, so it may block the loop
+        for up to ``close``'s wait for the source calls in flight."""
         self.close()
 
     def __enter__(self) -> Retriever:

@@ -49,6 +49,9 @@ def cache_key(request: Request, k: int, version: str) -> str:
 
 
 def encode_result(result: CandidateSet) -> bytes:
+    """``result`` as one cache value (the layout above): no pickle, so a value another
+    process or a foreign writer put at the key can never run code when read. ``store_status``
+    and ``cache_hit`` are not kept: they describe the request that reads the value."""
     ids = result.item_ids
     ids_le = ids.astype("<i8") if ids.dtype.kind in "iu" else ids.astype(str)
     ids_le = ids_le.astype(ids_le.dtype.newbyteorder("<"))
@@ -73,6 +76,9 @@ def encode_result(result: CandidateSet) -> bytes:
 
 
 def decode_result(blob: bytes) -> CandidateSet:
+    """The ``CandidateSet`` an :func:`encode_result` value holds. Anything else (another
+    format version, a cut or foreign value) raises :class:`CacheFormatError` and nothing
+    else, so the caller treats it as a miss."""
     try:
         return _decode(blob)
     except CacheFormatError:

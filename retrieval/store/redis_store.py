@@ -272,6 +272,8 @@ class RedisStore:
     # -- status ---------------------------------------------------------------------------
 
     def status(self) -> str:
+        """``"ok"``, or ``"degraded"`` from a failed or unreadable round trip until the next
+        one that succeeds (``reason`` says why). Never raises and makes no round trip itself."""
         return "degraded" if self._failure is not None else "ok"
 
     @property
@@ -281,6 +283,9 @@ class RedisStore:
 
     @property
     def buffered(self) -> int:
+        """Events waiting in the buffer for Redis (0 unless ``buffer_events > 0``): a growing
+        count means writes are failing and, once it reaches ``buffer_events``, the oldest are
+        being dropped (``dropped``)."""
         return len(self._buffer)
 
     @property

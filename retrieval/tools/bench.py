@@ -116,6 +116,10 @@ def _sample(
 
 @dataclass
 class SourceStats:
+    """One source's outcomes over a run, counted from its reports. ``latencies`` (ms) are of
+    its ``ok`` calls only, so a fast failure cannot flatter them; ``errors`` counts every
+    status but ok, timeout and skipped (error, shed, circuit_open)."""
+
     latencies: list[float] = field(default_factory=list)
     timeouts: int = 0
     errors: int = 0
@@ -125,6 +129,11 @@ class SourceStats:
 
 @dataclass
 class BenchResult:
+    """What a bench run measured: per-blend latencies (ms, on the caller's clock), wall time
+    (s), memory (MB: RSS, peak, and the private part, without the page cache the mmapped
+    artifacts share), each source's stats and the mean slate size; ``exact`` holds the exact
+    search reference and ANN recall when asked for."""
+
     requests: int
     concurrency: int
     latencies_ms: npt.NDArray[np.float64]
@@ -138,6 +147,8 @@ class BenchResult:
     exact: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (what ``--json`` prints and :func:`format_result` reads):
+        percentiles instead of raw latencies, NaN for a percentile of no calls."""
         lat = self.latencies_ms
         return {
             "requests": self.requests,
@@ -385,6 +396,8 @@ def _faiss_flat(x: npt.NDArray[np.float32], metric: str) -> Any:
 
 
 def format_result(d: dict[str, Any]) -> str:
+    """The human-readable report of a :meth:`BenchResult.to_dict` document. It takes the dict,
+    not the result, so a saved ``--json-out`` file renders the same way."""
     processes = d.get("processes", 1)
     where = "" if processes == 1 else f" in each of {processes} processes"
     whose = "process RSS" if processes == 1 else "largest process's RSS"

@@ -909,6 +909,14 @@ def _silence_stdout() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command (``argv``: None reads ``sys.argv``) and return its exit code, so a
+    script can tell "fix your input" from "rebuild" from "the store" without parsing stderr.
+
+    0 ok; 1 a failure at run time, or a bug (with its traceback, passwords redacted); 2 bad
+    input; 3 artifacts to rebuild; 4 the store; 130 interrupted; 141 (128 + SIGPIPE) when the
+    reader closed stdout. Errors are printed to stderr, never raised, except that argparse
+    itself exits (``SystemExit``: 2 for a usage error, 0 for ``--help``) before any command runs.
+    """
     args = build_parser().parse_args(argv)
     handler: Handler = args.handler
     try:

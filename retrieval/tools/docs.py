@@ -11,7 +11,7 @@ markers, rewritten in place::
     python -m retrieval.tools.docs                      # print the reference
 
 ``tests/test_docs.py`` fails when the README's block is not what this renders now, and when a
-field has no description (unless it is on the test's list of known gaps).
+field has no description.
 """
 
 from __future__ import annotations
