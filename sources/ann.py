@@ -599,6 +599,8 @@ class AnnSource(Source[AnnParams]):
         return rows[rows >= 0].astype(np.int32)
 
     def retrieve(self, request: Request, k: int, deadline: Deadline) -> Ranked:
+        """Nearest items to the request's query vector (given, the user's, or the history mean) in
+        the one vector index; seeds (and the history, with ``exclude_history``) are left out."""
         v, exclude, _ = self.query_vector(request)
         if self.metric == "angular":
             if not np.any(v):
@@ -613,6 +615,8 @@ class AnnSource(Source[AnnParams]):
         return self.item_ids.to_external(rows[order]), scores[order].astype(np.float32)
 
     def close(self) -> None:
+        """Release the index (unmaps annoy's file); the retriever calls it only when no query
+        runs."""
         self.index.close()
 
     # ---- build ---------------------------------------------------------------------------

@@ -266,6 +266,7 @@ def build_covisitation(
     spill_dir: Path,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[CSR, dict[str, Any]]:
+    """Each item's top co-visited items within sessions, as a CSR, and the build's counts."""
     n_items = len(events.item_ids)
     order, session = _sessions(events, params.session_gap_s)
     items, stamps = events.items, events.timestamps
@@ -338,6 +339,8 @@ def build_covisitation(
 
 @register("covisitation")
 class CovisitationSource(NeighbourSource[CovisitationParams]):
+    """Items seen near the history's items in the same sessions."""
+
     Params = CovisitationParams
     needs = frozenset({Need.HISTORY})
 
@@ -349,6 +352,7 @@ class CovisitationSource(NeighbourSource[CovisitationParams]):
         params: SourceParams,
         progress: Callable[[int], None] | None = None,
     ) -> dict[str, Any]:
+        """Write the neighbour CSR under ``out_dir``; the counts go into the manifest."""
         assert isinstance(params, CovisitationParams)
         csr, stats = build_covisitation(events, params, out_dir / "_spill", progress)
         save_csr(out_dir, csr)

@@ -230,6 +230,8 @@ def blockwise_similarity(
 
 @register("itemcf")
 class ItemCFSource(NeighbourSource[ItemCFParams]):
+    """Items whose user columns are most like the history's items (cosine, BM25 or TF-IDF)."""
+
     Params = ItemCFParams
     needs = frozenset({Need.HISTORY})
 
@@ -241,6 +243,7 @@ class ItemCFSource(NeighbourSource[ItemCFParams]):
         params: SourceParams,
         progress: Callable[[int], None] | None = None,
     ) -> dict[str, Any]:
+        """Write the neighbour CSR under ``out_dir``; the counts go into the manifest."""
         assert isinstance(params, ItemCFParams)
         matrix = user_item_matrix(events, params.event_weights, params.max_user_items)
         if progress is not None:

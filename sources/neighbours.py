@@ -296,7 +296,9 @@ class RowReader(Protocol):
 
     def neighbour_rows(
         self, source: str, items: Sequence[str], *, timeout_ms: float | None = None
-    ) -> list[Row | None]: ...
+    ) -> list[Row | None]:
+        """The pushed rows of ``items`` (None where an item has none), read within ``timeout_ms``;
+        raises ``StoreError`` when the read fails, so the source reports ``error``."""
 
 
 NP = TypeVar("NP", bound=SourceParams)
@@ -345,6 +347,8 @@ class NeighbourSource(Source[NP]):
             )
 
     def retrieve(self, request: Request, k: int, deadline: Deadline) -> Ranked:
+        """The summed neighbour rows of the weighted history (and seeds), seeds never returned; rows
+        come from the local CSR or, with ``backend: redis``, from the pushed rows."""
         ids, weights = weighted_history(request, self._history, self._decay, self._event_weights)
         if ids.size == 0:
             return _empty()

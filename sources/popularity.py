@@ -237,6 +237,8 @@ class PopularitySource(Source[PopularityParams]):
         return np.asarray(self.csr.indices[a:b]), np.asarray(self.csr.scores[a:b])
 
     def live_popular(self, request: Request, k: int) -> tuple[Sequence[str | None], int]:
+        """The one live list this request's segment reads, and how deep: the retriever fetches it
+        in its single store round trip."""
         if self.params.live_weight == 0 or self.params.live_top == 0:
             return (), 0
         return (self._pick_row(request.context)[1],), min(k, self.params.live_top)
@@ -262,6 +264,8 @@ class PopularitySource(Source[PopularityParams]):
             return empty
 
     def retrieve(self, request: Request, k: int, deadline: Deadline) -> Ranked:
+        """The built list of the request's segment (the global one when the segment has too few),
+        with the live counts folded in by ``live_weight``."""
         row, key = self._pick_row(request.context)
         live_ids, live_scores = self._live(request, key, k)
         n = k + live_ids.size

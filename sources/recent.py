@@ -65,6 +65,8 @@ class RecentSource(Source[RecentParams]):
     needs = frozenset({Need.HISTORY})
 
     def retrieve(self, request: Request, k: int, deadline: Deadline) -> Ranked:
+        """The user's own recent items, by weighted recency (re-visits are most of the next items
+        in session commerce); skipped without a history."""
         if not request.history:
             raise SkipSource("request has no history (seed items alone are not recent items)")
         hist_request = (
