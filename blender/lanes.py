@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from retrieval.errors import ClosedError
+
 __all__ = ["Lane"]
 
 _Job = tuple[cf.Future[Any], Callable[..., Any], tuple[Any, ...]]
@@ -58,7 +60,7 @@ class Lane:
         fut: cf.Future[Any] = cf.Future()
         with self._lock:
             if self._closed:
-                raise RuntimeError(f"lane {self.name!r} is closed")
+                raise ClosedError(f"source lane {self.name!r} is closed: the retriever was closed")
             if shed and self._in_flight >= self.cap:
                 return None
             self._in_flight += 1

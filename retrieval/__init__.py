@@ -35,6 +35,7 @@ from blender.fanout import RequiredSourceError
 from retrieval.config import ConfigError, RetrievalConfig, load_config
 from retrieval.errors import (
     ArtifactError,
+    ClosedError,
     IdError,
     InputError,
     RequestTooLarge,
@@ -59,6 +60,7 @@ __all__ = [
     "ArtifactError",
     "Candidate",
     "CandidateSet",
+    "ClosedError",
     "ConfigError",
     "Deadline",
     "Event",

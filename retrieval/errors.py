@@ -9,7 +9,8 @@ input from a broken build from an unreachable store without parsing messages.
     │   └── EventsError                an event log cannot be read (retrieval.offline.events)
     ├── ArtifactError                  a build is missing, foreign, stale or corrupt
     ├── StoreError (RuntimeError)      the online store failed or holds foreign data
-    └── SourceError                    a source broke its contract (blender boundary)
+    ├── SourceError                    a source broke its contract (blender boundary)
+    └── ClosedError (RuntimeError)     a retriever used after ``close()``
 
 Every class keeps a builtin base where callers already catch one (``ValueError`` for bad input),
 so adopting the tree breaks no existing ``except``.
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 __all__ = [
     "ArtifactError",
+    "ClosedError",
     "IdError",
     "InputError",
     "RequestTooLarge",
@@ -55,6 +57,10 @@ class StoreError(RetrievalError, RuntimeError):
 
 class SourceError(RetrievalError):
     """A source returned something outside the contract (shape, ids, scores)."""
+
+
+class ClosedError(RetrievalError, RuntimeError):
+    """A ``Retriever`` (or its blender) was used after ``close()``."""
 
 
 # The CLI's exit codes by class, most specific first: 2 = fix your input, 3 = rebuild,

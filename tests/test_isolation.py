@@ -514,3 +514,18 @@ def test_the_retriever_refuses_an_oversized_request_before_reading_the_store():
         assert time.monotonic() - t0 < 1.0
         assert reads == []
         assert r.blend(user_id=1).report("a").status is SourceStatus.OK
+
+
+def test_a_closed_retriever_says_so():
+    from retrieval.config import RetrievalConfig
+    from retrieval.errors import ClosedError
+    from retrieval.online.retriever import Retriever
+
+    r = Retriever(
+        RetrievalConfig.load({"sources": [{"name": "a", "kind": "tests.toy_sources:ListSource"}]})
+    )
+    r.close()
+    with pytest.raises(ClosedError, match="closed"):
+        r.blend(user_id=1)
+    with pytest.raises(ClosedError):
+        r.blender.blend(Request(user_id=1))  # a blend that got past the gate before close()

@@ -25,7 +25,7 @@ from blender.fanout import BlendContext, Blender, RequestLimits, SourceSlot
 from blender.filters import load_blocklist
 from retrieval.artifacts import check_built, open_artifacts, prefetch_page_cache, resolve_build
 from retrieval.config import ConfigError, RetrievalConfig, load_config
-from retrieval.errors import InputError
+from retrieval.errors import ClosedError, InputError
 from retrieval.ids import check_id
 from retrieval.store import Event, MemoryStore, Store
 from retrieval.store.cache import CacheFormatError, cache_key, decode_result, encode_result
@@ -233,7 +233,9 @@ class Retriever:
     def _gate(self, request: Request, started: float) -> BlendContext:
         """The blender's context for ``request``, refused before any store read when it is
         over the limits (a 100k-id exclude list would otherwise ask the store for 100k popular
-        items first)."""
+        items first), or when the retriever is closed."""
+        if self._closed:
+            raise ClosedError("this Retriever is closed: make a new one to serve again")
         return self._blender.context(request, started)
 
     def _prepare(self, ctx: BlendContext) -> bool:
