@@ -377,7 +377,11 @@ class Blender:
             id_parts(request.seed_items, "request.seed_items", mixed=True)
         if not self.exclude_seen and request.history:
             id_parts(request.history, "request.history", mixed=True)
-        ctx.excl = Exclusions(request.exclude, request.history if self.exclude_seen else ())
+        ctx.excl = Exclusions(
+            request.exclude,
+            request.history if self.exclude_seen else (),
+            names=("request.exclude", "request.history"),
+        )
         ctx.k_ask = ctx.k + len(ctx.excl)
         ctx.filters = (self.blocklist, ctx.excl)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,13 +60,17 @@ class Exclusions:
 
     __slots__ = ("_ints", "_strs")
 
-    def __init__(self, *parts: Collection[ItemId] | npt.NDArray[Any]) -> None:
+    def __init__(
+        self, *parts: Collection[ItemId] | npt.NDArray[Any], names: Sequence[str] = ()
+    ) -> None:
+        """``names`` label the parts in errors (``request.history[3]: ...``); default
+        ``exclude``."""
         ints: list[npt.NDArray[np.int64]] = []
         strs: list[npt.NDArray[np.str_]] = []
-        for part in parts:
+        for j, part in enumerate(parts):
             if not len(part):
                 continue
-            i, s = id_parts(part, "exclude", mixed=True)
+            i, s = id_parts(part, names[j] if j < len(names) else "exclude", mixed=True)
             if i.size:
                 ints.append(i)
             if s.size:

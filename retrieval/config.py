@@ -35,7 +35,7 @@ from pydantic_core import ErrorDetails
 
 from retrieval.errors import InputError
 from retrieval.redact import redact_text, secrets_of
-from retrieval.types import DEFAULT_EVENT_WEIGHTS
+from retrieval.types import DEFAULT_EVENT_WEIGHTS, MAX_K
 from sources.base import Source, SourceParams, UnknownKindError, resolve_kind
 
 __all__ = [
@@ -372,7 +372,7 @@ class RetrievalConfig(_Model):
     k: Int = Field(
         1000,
         ge=1,
-        le=1_000_000,
+        le=MAX_K,
         description="Candidates per blend (a request's `k` overrides it): about what a "
         "second-stage ranker scores.",
     )

@@ -15,6 +15,9 @@ import numpy.typing as npt
 from retrieval.errors import InputError
 from retrieval.ids import id_array
 
+MAX_K = 1_000_000
+"""The most candidates one blend may return (the config's ``k`` and a request's alike)."""
+
 ItemId = int | str
 UserId = int | str
 
@@ -24,6 +27,7 @@ live stores' counters. Here, not with the event reader, so serving never imports
 
 __all__ = [
     "DEFAULT_EVENT_WEIGHTS",
+    "MAX_K",
     "Candidate",
     "CandidateSet",
     "Deadline",

@@ -237,10 +237,11 @@ def retriever():
     ("kwargs", "error", "names"),
     [
         ({"usr_id": 1}, TypeError, "usr_id"),
-        ({"k": "many"}, InputError, "k must be a positive int"),
-        ({"k": True}, InputError, "k must be a positive int"),
-        ({"k": 0}, InputError, "k must be a positive int"),
-        ({"k": 2.0}, InputError, "k must be a positive int"),
+        ({"k": "many"}, InputError, "k must be an int from 1 to"),
+        ({"k": True}, InputError, "k must be an int from 1 to"),
+        ({"k": 0}, InputError, "k must be an int from 1 to"),
+        ({"k": 2.0}, InputError, "k must be an int from 1 to"),
+        ({"k": 10**9}, InputError, "k must be an int from 1 to 1,000,000"),
         ({"deadline_ms": float("nan")}, InputError, "deadline_ms must be"),
         ({"deadline_ms": float("inf")}, InputError, "deadline_ms must be"),
         ({"deadline_ms": -5}, InputError, "deadline_ms must be"),
@@ -257,7 +258,7 @@ def retriever():
         ({"vector": ["x", "y"]}, InputError, "vector"),
         ({"request": Request(), "k": 5}, InputError, "not both: got request and k="),
         ({"request": {"user_id": 1}}, InputError, "request must be a retrieval.Request"),
-        ({"request": Request(k=True)}, InputError, "request.k must be a positive int"),  # type: ignore[arg-type]
+        ({"request": Request(k=True)}, InputError, "request.k must be an int from 1 to"),  # type: ignore[arg-type]
     ],
 )
 def test_the_facade_refuses_wrong_arguments_by_name(retriever, kwargs, error, names):
@@ -275,7 +276,7 @@ def test_module_level_blend_checks_its_arguments_before_loading(tmp_path):
     missing = tmp_path / "nowhere.yaml"  # never read: the arguments are refused first
     with pytest.raises(TypeError, match="usr_id"):
         blend(missing, usr_id=1)  # type: ignore[call-arg]
-    with pytest.raises(InputError, match="k must be a positive int"):
+    with pytest.raises(InputError, match="k must be an int from 1 to"):
         blend(missing, k="many")  # type: ignore[arg-type]
 
 

@@ -29,7 +29,7 @@ from retrieval.errors import ClosedError, InputError
 from retrieval.ids import check_id
 from retrieval.store import Event, MemoryStore, Store
 from retrieval.store.cache import CacheFormatError, cache_key, decode_result, encode_result
-from retrieval.types import CandidateSet, Deadline, ItemId, Request, SourceStatus, UserId
+from retrieval.types import MAX_K, CandidateSet, Deadline, ItemId, Request, SourceStatus, UserId
 from sources.base import Need, Source, SourceContext, SourceParams
 
 __all__ = ["SERVING_STEPS", "Retriever", "blend", "make_blender"]
@@ -674,8 +674,10 @@ def _as_request(
 def _check_k(k: object, name: str) -> int | None:
     if k is None:
         return None
-    if isinstance(k, bool | np.bool_) or not isinstance(k, int | np.integer) or k < 1:
-        raise InputError(f"{name} must be a positive int, got {k!r} ({type(k).__name__})")
+    if isinstance(k, bool | np.bool_) or not isinstance(k, int | np.integer) or not 1 <= k <= MAX_K:
+        raise InputError(
+            f"{name} must be an int from 1 to {MAX_K:,}, got {k!r} ({type(k).__name__})"
+        )
     return int(k)
 
 
