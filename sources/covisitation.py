@@ -23,7 +23,7 @@ from pydantic import Field
 from retrieval.artifacts import CSR, save_csr
 from retrieval.types import DEFAULT_EVENT_WEIGHTS, event_weight_vector
 from sources.base import Need, SourceParams, register
-from sources.neighbours import NeighbourSource, top_k_per_row
+from sources.neighbours import NeighbourParams, NeighbourSource, top_k_per_row
 
 if TYPE_CHECKING:
     from retrieval.offline.events import EventLog
@@ -34,7 +34,7 @@ __all__ = ["CovisitationParams", "CovisitationSource", "count_pairs"]
 _PAIRS_PER_PARTITION = 60_000_000
 
 
-class CovisitationParams(SourceParams):
+class CovisitationParams(NeighbourParams):
     """Items seen together in sessions. Every pair of events at most ``window`` apart in one
     session adds a weight to (a, b): b's event's ``weight`` column times
     ``event_weights[type]`` (unknown types 1), times ``1 / d`` for a pair ``d`` events apart
@@ -88,19 +88,6 @@ class CovisitationParams(SourceParams):
         ge=1,
         description="Neighbours kept per item, best first; null: every neighbour.",
     )
-    history: int = Field(
-        20,
-        ge=1,
-        le=10_000,
-        description="Most recent history items whose neighbour lists are summed per request.",
-    )
-    recency_decay: float = Field(
-        0.9,
-        gt=0,
-        le=1,
-        description="Weight of a history item relative to the next newer one (the newest "
-        "weighs 1); 1.0: equal weights.",
-    )
     self_weight: float = Field(
         1.0,
         ge=0,
@@ -109,31 +96,14 @@ class CovisitationParams(SourceParams):
         "no self pairs), on top of what the other history items' rows give it. 0: history items "
         "score only through the other items' rows.",
     )
-    expand_decay: float = Field(
-        0.5,
-        ge=0,
-        le=1,
-        description="Second hop, when the history's neighbours are fewer than k: the "
-        "neighbours of the best first-hop candidates follow every first-hop one, the best at "
-        "`expand_decay` x the weakest first-hop score (any value above 0 ranks the same; it "
-        "sets the scores). 0 turns the second hop off. Skipped when the deadline is close.",
-    )
     chunk_events: int = Field(
         2_000_000,
         ge=1,
         description="Events per pair-counting chunk of the build (a chunk never cuts a "
         "session): only trades build memory for passes, the neighbours stay the same.",
     )
-    backend: Literal["local", "redis"] = Field(
-        "local",
-        description="`local`: serve the built artifacts; `redis`: serve rows pushed by "
-        "`retrieval push` from the store (`store.kind: redis`), for hosts without local "
-        "artifacts.",
-    )
 
-    serving_params = frozenset(
-        {"history", "recency_decay", "self_weight", "expand_decay", "chunk_events", "backend"}
-    )
+    serving_params = NeighbourParams.serving_params | {"self_weight", "chunk_events"}
 
 
 def _sessions(

@@ -27,7 +27,7 @@ from pydantic import Field
 from retrieval.artifacts import CSR, save_csr
 from retrieval.types import DEFAULT_EVENT_WEIGHTS, event_weight_vector
 from sources.base import Need, SourceParams, register
-from sources.neighbours import NeighbourSource, top_k_per_row
+from sources.neighbours import NeighbourParams, NeighbourSource, top_k_per_row
 
 if TYPE_CHECKING:
     from retrieval.offline.events import EventLog
@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 
-class ItemCFParams(SourceParams):
+class ItemCFParams(NeighbourParams):
     """Items liked by the same users. The build sums each user's event weights per item into a
     user x item matrix ``W`` (each user's ``max_user_items`` most recent items only), weighs it
     as implicit's cosine, BM25 or TF-IDF nearest-neighbour model does (``model``) and keeps each
@@ -87,28 +87,6 @@ class ItemCFParams(SourceParams):
         description="Weight of each event type (unknown types weigh 1), times the log's weight "
         "column: the matrix's cells, and at serving each history item's weight.",
     )
-    history: int = Field(
-        20,
-        ge=1,
-        le=10_000,
-        description="Most recent history items whose neighbour lists are summed per request.",
-    )
-    recency_decay: float = Field(
-        0.9,
-        gt=0,
-        le=1,
-        description="Weight of a history item relative to the next newer one (the newest "
-        "weighs 1); 1.0: equal weights.",
-    )
-    expand_decay: float = Field(
-        0.5,
-        ge=0,
-        le=1,
-        description="Second hop, when the history's neighbours are fewer than k: the "
-        "neighbours of the best first-hop candidates follow every first-hop one, the best at "
-        "`expand_decay` x the weakest first-hop score (any value above 0 ranks the same; it "
-        "sets the scores). 0 turns the second hop off. Skipped when the deadline is close.",
-    )
     max_user_items: int | None = Field(
         500,
         ge=2,
@@ -116,14 +94,7 @@ class ItemCFParams(SourceParams):
         "(crawlers, shared accounts) add n^2 item pairs each, mostly noise. null: every item of "
         "every user.",
     )
-    backend: Literal["local", "redis"] = Field(
-        "local",
-        description="`local`: serve the built artifacts; `redis`: serve rows pushed by "
-        "`retrieval push` from the store (`store.kind: redis`), for hosts without local "
-        "artifacts.",
-    )
 
-    serving_params = frozenset({"history", "recency_decay", "expand_decay", "backend"})
     build_version = 2  # 2: rows keep each item's self-similarity (re-visits come back)
 
 

@@ -17,10 +17,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
+from pydantic import Field
 
 from retrieval.artifacts import CSR, ArtifactError, IdMap, load_csr, source_root
 from retrieval.errors import StoreError
@@ -32,6 +33,7 @@ from sources.history import sum_by_id, top_k_order, weighted_history
 
 __all__ = [
     "Gathered",
+    "NeighbourParams",
     "NeighbourSource",
     "RowReader",
     "aggregate",
@@ -301,7 +303,48 @@ class RowReader(Protocol):
         raises ``StoreError`` when the read fails, so the source reports ``error``."""
 
 
-NP = TypeVar("NP", bound=SourceParams)
+class NeighbourParams(SourceParams):
+    """The serving knobs co-visitation and item-CF share: how much history to read and how to
+    weigh it, the second hop, and where the rows come from. None of them changes a build."""
+
+    history: int = Field(
+        20,
+        ge=1,
+        le=10_000,
+        description="Most recent history items whose neighbour lists are summed per request.",
+    )
+
+    recency_decay: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Weight of a history item relative to the next newer one (the newest "
+        "weighs 1); 1.0: equal weights.",
+    )
+
+    expand_decay: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Second hop, when the history's neighbours are fewer than k: the "
+        "neighbours of the best first-hop candidates follow every first-hop one, the best at "
+        "`expand_decay` x the weakest first-hop score (any value above 0 ranks the same; it "
+        "sets the scores). 0 turns the second hop off. Skipped when the deadline is close.",
+    )
+
+    backend: Literal["local", "redis"] = Field(
+        "local",
+        description="`local`: serve the built artifacts; `redis`: serve rows pushed by "
+        "`retrieval push` from the store (`store.kind: redis`), for hosts without local "
+        "artifacts.",
+    )
+
+    serving_params: ClassVar[frozenset[str]] = frozenset(
+        {"history", "recency_decay", "expand_decay", "backend"}
+    )
+
+
+NP = TypeVar("NP", bound=NeighbourParams)
 
 
 class NeighbourSource(Source[NP]):
@@ -315,19 +358,19 @@ class NeighbourSource(Source[NP]):
     it; the store reports itself degraded. A failed second read only skips the second hop.
     Answers equal the local ones.
 
-    Generic over the kind's params (``CovisitationParams``, ``ItemCFParams``): the serving
-    fields both share are read by name, with the defaults below for a kind that lacks one.
+    Generic over the kind's params (``CovisitationParams``, ``ItemCFParams``), both
+    ``NeighbourParams``; ``self_weight`` (co-visitation only) is read by name, 0 when absent.
     """
 
     def __init__(self, name: str, params: NP, context: SourceContext) -> None:
         super().__init__(name, params, context)
-        self._history: int = int(getattr(params, "history", 20))
-        self._decay: float = float(getattr(params, "recency_decay", 0.9))
+        self._history = params.history
+        self._decay = params.recency_decay
         self._event_weights: Mapping[str, float] | None = getattr(params, "event_weights", None)
         self._self_weight: float = float(getattr(params, "self_weight", 0.0))
-        self._expand: float = float(getattr(params, "expand_decay", 0.0))
+        self._expand = params.expand_decay
         self._rows: RowReader | None = None
-        if getattr(params, "backend", "local") == "redis":
+        if params.backend == "redis":
             if not isinstance(context.store, RowReader):
                 raise ArtifactError(
                     f"source {name!r} has backend: redis, which needs store.kind: redis"
