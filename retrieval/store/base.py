@@ -14,6 +14,7 @@ import numpy as np
 from retrieval.errors import InputError, StoreError
 from retrieval.ids import INT64_MAX, INT64_MIN, check_id
 from retrieval.types import ItemId, UserId
+from sources.base import StoreView
 
 __all__ = [
     "Event",
@@ -196,8 +197,9 @@ class StoreRead:
     ok: bool = True
 
 
-class Store(Protocol):
-    """What the retriever and the sources need from online state.
+class Store(StoreView, Protocol):
+    """What the retriever and the sources need from online state: the sources' ``StoreView``
+    (``history``, ``popular``), declared once there, and the rest the retriever uses.
 
     Reads (``fetch``, ``history``, ``popular``, ``cache_get``) never raise. ``record`` checks
     the whole batch first (``check_events``): a bad event raises ``InputError`` naming its index
@@ -238,20 +240,6 @@ class Store(Protocol):
         timeout). Never raises: a failed, late or unreadable read returns what it could read
         with ``ok=False``, and ``status()`` turns ``"degraded"``.
         """
-        ...
-
-    def history(
-        self, user_id: UserId, limit: int | None = None
-    ) -> tuple[list[ItemId], list[float], list[str]]:
-        """The user's newest ``limit`` events (``None``: every kept one), oldest first, as item
-        ids, timestamps (seconds) and event types; empty for an unknown user, and when the
-        store fails. Never raises."""
-        ...
-
-    def popular(self, segment: str | None, limit: int) -> tuple[list[ItemId], list[float]]:
-        """The live top ``limit`` items of ``segment`` (``None``: global) and their weights
-        decayed to now, best first; empty when nothing was recorded there, and when the store
-        fails. Never raises."""
         ...
 
     def cache_get(self, key: str, *, timeout_ms: float | None = None) -> bytes | None:

@@ -460,6 +460,12 @@ def _add_json_out(p: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def _add_report(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--report", type=Path, metavar="PATH", help="also write a self-contained HTML report"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line (also walked by the tests: every argument has help)."""
     from retrieval import __version__
@@ -632,9 +638,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_json(ev, "every metric per source and for the blend")
     _add_json_out(ev, "the metrics")
-    ev.add_argument(
-        "--report", type=Path, metavar="PATH", help="also write a self-contained HTML report"
-    )
+    _add_report(ev)
 
     tu = _command(
         sub,
@@ -687,9 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_json(tu, "every trial, and before and after per source")
     _add_json_out(tu, "every trial")
-    tu.add_argument(
-        "--report", type=Path, metavar="PATH", help="also write a self-contained HTML report"
-    )
+    _add_report(tu)
 
     ca = _command(
         sub,
