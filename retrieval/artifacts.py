@@ -673,13 +673,7 @@ def verify_build(root: Path, manifest: Manifest, sources: Iterable[str] | None =
     jobs = [(_member(root, rel, str(root)), fs) for rel, fs in sorted(manifest.files.items())]
     names = sorted(manifest.sources) if sources is None else list(sources)
     for name in names:
-        entry = manifest.sources.get(name)
-        if entry is None:
-            built = ", ".join(sorted(manifest.sources)) or "none"
-            raise ArtifactError(
-                f"source {name!r} has no artifacts in this build (built: {built}); "
-                "rebuild with `retrieval build`"
-            )
+        entry = _entry(manifest, name)
         directory = _member(root, name, f"source {name!r}")
         _check_stamp(directory, entry, name)
         for rel, digest in sorted(entry.id_maps.items()):
@@ -850,8 +844,8 @@ def open_artifacts(directory: Path, *, verify: bool = True) -> Manifest:
     return manifest
 
 
-def check_source(manifest: Manifest, name: str, kind: str, params_hash: str) -> None:
-    """Refuse artifacts built for another config of source ``name``."""
+def _entry(manifest: Manifest, name: str) -> SourceEntry:
+    """Source ``name``'s manifest entry, or the error that says it was not built."""
     entry = manifest.sources.get(name)
     if entry is None:
         built = ", ".join(sorted(manifest.sources)) or "none"
@@ -859,6 +853,12 @@ def check_source(manifest: Manifest, name: str, kind: str, params_hash: str) -> 
             f"source {name!r} has no artifacts in this build (built: {built}); "
             "rebuild with `retrieval build`"
         )
+    return entry
+
+
+def check_source(manifest: Manifest, name: str, kind: str, params_hash: str) -> None:
+    """Refuse artifacts built for another config of source ``name``."""
+    entry = _entry(manifest, name)
     if entry.kind != kind:
         raise ArtifactError(
             f"source {name!r} was built as kind {entry.kind!r} but is configured as {kind!r}; "
