@@ -78,6 +78,12 @@ class Exclusions:
         self._ints = _sorted_unique(_concat(ints)) if ints else np.empty(0, dtype=np.int64)
         self._strs = _sorted_unique(_concat(strs)) if strs else np.empty(0, dtype="<U1")
 
+    @property
+    def int_ids(self) -> npt.NDArray[np.int64]:
+        """The excluded integer ids (with the strings that spell them), sorted: all an integer
+        candidate can match."""
+        return self._ints
+
     def __len__(self) -> int:
         """How many distinct ids are excluded (``42`` and ``"42"`` are one)."""
         return int(self._ints.size + self._strs.size)

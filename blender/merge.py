@@ -16,9 +16,12 @@ import numpy as np
 import numpy.typing as npt
 
 from blender.filters import Exclusions
+from retrieval import kernels
 from sources.history import IdGroups, top_k_order
 
-__all__ = ["Merged", "SourceList", "merge", "unify_id_dtypes"]
+__all__ = ["Merged", "SourceList", "merge", "merge_numpy", "unify_id_dtypes"]
+
+_NO_IDS = np.empty(0, dtype=np.int64)
 
 Strategy = Literal["rrf", "quota", "score", "calibrated"]
 
@@ -62,6 +65,58 @@ def merge(
 ) -> Merged:
     """Blend ``lists`` (one slot per configured source, None when it produced nothing).
 
+    ``rrf`` and ``score`` over integer ids run in one compiled call that releases the GIL
+    (``retrieval.kernels.merge_sum``); the rest, and the reference it is tested against, in
+    ``merge_numpy``: the same slate either way, bit for bit.
+    """
+    present = [(j, s) for j, s in enumerate(lists) if s is not None and s.ids.size]
+    if strategy not in ("rrf", "score") or not present or k <= 0:
+        return merge_numpy(lists, k, strategy, rrf_k, exclude)
+    if any(s.ids.dtype != np.int64 for _, s in present):
+        return merge_numpy(lists, k, strategy, rrf_k, exclude)
+    ids = np.concatenate([s.ids for _, s in present])
+    src = np.concatenate([np.full(s.ids.size, j, dtype=np.int32) for j, s in present])
+    rank = np.concatenate([s.ranks for _, s in present]).astype(np.int32, copy=False)
+    contrib = _contributions(present, strategy, rrf_k, rank)
+    banned = [e.int_ids for e in exclude if e.int_ids.size]
+    if len(banned) > 1:
+        banned = [np.unique(np.concatenate(banned))]
+    item_ids, scores, ranks = kernels.merge_sum(
+        ids, contrib, src, rank, len(lists), k, banned[0] if banned else _NO_IDS
+    )
+    return Merged(item_ids, scores, ranks)
+
+
+def _contributions(
+    present: Sequence[tuple[int, SourceList]],
+    strategy: Strategy,
+    rrf_k: float,
+    rank: npt.NDArray[np.int32],
+) -> npt.NDArray[np.float64]:
+    """Each returned candidate's share of its blended score, in the lists' order."""
+    if strategy == "rrf":
+        weights = np.array([s.weight for _, s in present], dtype=np.float64)
+        wsrc = np.repeat(weights, [s.ids.size for _, s in present])
+        return np.asarray(wsrc / (rrf_k + rank.astype(np.float64) + 1.0))
+    parts = []  # score: min-max normalised per source, times weight
+    for _, s in present:
+        sc = s.scores.astype(np.float64)
+        lo, hi = float(sc.min()), float(sc.max())
+        norm = (sc - lo) / (hi - lo) if hi > lo else np.ones_like(sc)
+        parts.append(norm * s.weight)
+    return np.concatenate(parts)
+
+
+def merge_numpy(
+    lists: Sequence[SourceList | None],
+    k: int,
+    strategy: Strategy,
+    rrf_k: float,
+    exclude: Sequence[Exclusions] = (),
+) -> Merged:
+    """``merge`` in numpy, for every strategy and id kind: the reference the compiled sum is
+    tested against, and the path of string ids, ``quota`` and ``calibrated``.
+
     Excluded ids are dropped after deduplication, where a few binary searches of the banned ids
     in the sorted candidates replace a membership test per returned id; they take no slot and,
     with ``quota``, count against no source's quota.
@@ -93,18 +148,7 @@ def merge(
     if strategy == "calibrated":
         return _calibrated(present, groups, rank, ranks, k, allowed)
 
-    if strategy == "rrf":
-        weights = np.array([s.weight for _, s in present], dtype=np.float64)
-        wsrc = np.repeat(weights, [s.ids.size for _, s in present])
-        contrib = wsrc / (rrf_k + rank.astype(np.float64) + 1.0)
-    else:  # score: min-max normalised per source, times weight
-        parts = []
-        for _, s in present:
-            sc = s.scores.astype(np.float64)
-            lo, hi = float(sc.min()), float(sc.max())
-            norm = (sc - lo) / (hi - lo) if hi > lo else np.ones_like(sc)
-            parts.append(norm * s.weight)
-        contrib = np.concatenate(parts)
+    contrib = _contributions(present, strategy, rrf_k, rank)
     blended = groups.sum(contrib)
     order = _best(blended, uniq, k, allowed)
     return Merged(uniq[order], blended[order].astype(np.float32), ranks[order])

@@ -23,6 +23,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import Field
 
+from retrieval import kernels
 from retrieval.artifacts import CSR, ArtifactError, IdMap, load_csr, source_root
 from retrieval.errors import StoreError
 from retrieval.ids import lookup_ids
@@ -37,6 +38,7 @@ __all__ = [
     "NeighbourSource",
     "RowReader",
     "aggregate",
+    "aggregate_numpy",
     "first_hop",
     "gather_csr",
     "neighbourhood",
@@ -52,6 +54,7 @@ _EXPAND_MS = 5.0
 # The second hop reads enough rows for this many neighbours per missing candidate: rows of
 # related items overlap, so fewer left k unfilled on DIGINETICA (benchmarks/README.md).
 _EXPAND_READ = 8
+_NO_IDS = np.empty(0, dtype=np.int32)
 
 Gathered = tuple[npt.NDArray[Any], npt.NDArray[np.float64], npt.NDArray[np.int64]]
 """Rows read for some items: every neighbour id and score, concatenated, and each row's length."""
@@ -84,10 +87,44 @@ def aggregate(
     self_weight: float = 0.0,
     expand_decay: float = 0.0,
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
-    """Top ``k`` of ``sum_h weights[h] * csr[rows[h]]`` over dense ids (see ``neighbourhood``).
+    """Top ``k`` of ``sum_h weights[h] * csr[rows[h]]`` over dense ids (see ``neighbourhood``),
+    in the compiled kernels (``retrieval.kernels``): the same answer as ``aggregate_numpy``,
+    bit for bit, without holding the GIL.
 
     Ties are broken by the smaller dense id so the answer does not depend on array order.
     """
+    keep = rows >= 0
+    rows, weights = _hurried(rows[keep], weights[keep], deadline)
+    if rows.size == 0 or k <= 0:
+        return np.empty(0, np.int32), np.empty(0, np.float32)
+    rows = rows.astype(np.int32, copy=False)
+    weights = weights.astype(np.float32, copy=False)
+    banned = _NO_IDS if drop is None else np.sort(drop[drop >= 0]).astype(np.int32, copy=False)
+    best, scores = kernels.first_hop(
+        csr.indptr, csr.indices, csr.scores, rows, weights, self_weight, banned, k
+    )
+    short = 0 < best.size < k and expand_decay > 0
+    if short and (deadline is None or deadline.remaining_ms() >= _EXPAND_MS):
+        return kernels.second_hop(
+            csr.indptr, csr.indices, csr.scores, best, scores, rows, banned, k, expand_decay,
+            _EXPAND_READ,
+        )  # fmt: skip
+    return best, scores.astype(np.float32)
+
+
+def aggregate_numpy(
+    csr: CSR,
+    rows: npt.NDArray[np.int32],
+    weights: npt.NDArray[np.float32],
+    k: int,
+    deadline: Deadline | None = None,
+    *,
+    drop: npt.NDArray[np.int32] | None = None,
+    self_weight: float = 0.0,
+    expand_decay: float = 0.0,
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+    """``aggregate`` in numpy: the reference the compiled kernels are tested against (and the
+    same steps ``neighbourhood`` runs over pushed rows)."""
     keep = rows >= 0
     rows, weights = _hurried(rows[keep], weights[keep], deadline)
     if rows.size == 0 or k <= 0:

@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "retrieval.types",
             "retrieval.redact",
             "retrieval.version",
+            "retrieval.kernels",
         ),
     ),
     ("contract", ("sources.base", "sources.vector_index", "sources.history", "retrieval.config")),
