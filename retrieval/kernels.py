@@ -103,20 +103,6 @@ def _slot(keys, stamp, g, mask, x):
 
 
 @nb.njit(inline="always", **_JIT)
-def _add(keys, sums, stamp, order, g, mask, m, x, v):
-    """``sums[x] += v`` (0.0 + v on first sight, as ``np.bincount`` adds); the new count."""
-    i = _slot(keys, stamp, g, mask, x)
-    if stamp[i] != g:
-        stamp[i] = g
-        keys[i] = x
-        sums[i] = 0.0
-        order[m] = i
-        m += 1
-    sums[i] += v
-    return m
-
-
-@nb.njit(inline="always", **_JIT)
 def _in_sorted(sorted_ids, x):
     n = sorted_ids.shape[0]
     if n == 0:
@@ -167,8 +153,12 @@ def _first_hop(
     for h in range(n_rows):
         w = np.float64(weights[h])
         for e in range(indptr[rows[h]], indptr[rows[h] + 1]):
-            m = _add(keys, sums, stamp, order, g, mask, m, np.int64(indices[e]),
-                     np.float64(values[e]) * w)  # fmt: skip
+            x = np.int64(indices[e])
+            i = _slot(keys, stamp, g, mask, x)
+            if stamp[i] != g:  # first sight: 0.0 + v, as np.bincount adds
+                stamp[i], keys[i], sums[i], order[m] = g, x, 0.0, i
+                m += 1
+            sums[i] += np.float64(values[e]) * w
     if self_weight > 0:
         sw = np.float32(self_weight)
         for h in range(n_rows):
@@ -180,7 +170,12 @@ def _first_hop(
                 top = max(top, np.float64(values[e]))
             own = np.float64(weights[h] * sw) * top
             if own > 0:
-                m = _add(keys, sums, stamp, order, g, mask, m, np.int64(rows[h]), own)
+                x = np.int64(rows[h])
+                i = _slot(keys, stamp, g, mask, x)
+                if stamp[i] != g:
+                    stamp[i], keys[i], sums[i], order[m] = g, x, 0.0, i
+                    m += 1
+                sums[i] += own
     ids = np.empty(m, dtype=np.int64)
     scores = np.empty(m, dtype=np.float64)
     n = 0
@@ -239,7 +234,7 @@ def _second_hop(
     if n_pool == 0 or floor <= 0 or full == 0:
         return 0, best.copy(), first
     n_seeds = min(n_pool, np.int64(math.ceil(read * (k - n_best) / (np.float64(total) / full))))
-    need = 0
+    need = n_best + drop.shape[0]
     for j in range(n_seeds):
         need += indptr[best[pool[j]] + 1] - indptr[best[pool[j]]]
     if 2 * need > keys.shape[0]:
@@ -247,6 +242,13 @@ def _second_hop(
     g = gen[0] + 1
     gen[0] = g
     mask = keys.shape[0] - 1
+    # First-hop and dropped ids are not new: parked in the table at -inf, never listed.
+    for x in best:
+        i = _slot(keys, stamp, g, mask, np.int64(x))
+        stamp[i], keys[i], sums[i] = g, x, -np.inf
+    for x in drop:
+        i = _slot(keys, stamp, g, mask, np.int64(x))
+        stamp[i], keys[i], sums[i] = g, x, -np.inf
     m = 0
     for j in range(n_seeds):
         r = best[pool[j]]
@@ -258,20 +260,18 @@ def _second_hop(
             top = max(top, np.float64(values[e]))
         norm = best_scores[pool[j]] / top if top > 0 else 0.0
         for e in range(a, b):
-            m = _add(keys, sums, stamp, order, g, mask, m, np.int64(indices[e]),
-                     np.float64(values[e]) * norm)  # fmt: skip
-    taken = np.sort(best)
+            x = np.int64(indices[e])
+            i = _slot(keys, stamp, g, mask, x)
+            if stamp[i] != g:
+                stamp[i], keys[i], sums[i], order[m] = g, x, 0.0, i
+                m += 1
+            sums[i] += np.float64(values[e]) * norm
     ids = np.empty(m, dtype=np.int64)
     scores = np.empty(m, dtype=np.float64)
-    n = 0
     for j in range(m):
-        i = order[j]
-        x = keys[i]
-        if not _in_sorted(taken, x) and not _in_sorted(drop, x):
-            ids[n] = x
-            scores[n] = sums[i]
-            n += 1
-    pick = _top_k(ids[:n], scores[:n], k - n_best)
+        ids[j] = keys[order[j]]
+        scores[j] = sums[order[j]]
+    pick = _top_k(ids, scores, k - n_best)
     if pick.shape[0] == 0:
         return 0, best.copy(), first
     new_scores = scores[pick]
