@@ -377,7 +377,7 @@ class Blender:
         if request.seed_items:
             id_parts(request.seed_items, "request.seed_items", mixed=True)
         if not self.exclude_seen and request.history:
-            id_parts(request.history, "request.history", mixed=True)
+            request.history_ids  # noqa: B018 - checked once here, then shared by the sources
         ctx.excl = Exclusions(
             request.exclude,
             request.history if self.exclude_seen else (),

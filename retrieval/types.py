@@ -13,7 +13,7 @@ import numpy as np
 import numpy.typing as npt
 
 from retrieval.errors import InputError
-from retrieval.ids import id_array
+from retrieval.ids import id_array, lookup_ids
 
 MAX_K = 1_000_000
 """The most candidates one blend may return (the config's ``k`` and a request's alike)."""
@@ -73,6 +73,19 @@ class Request:
     live_popular: Mapping[str | None, tuple[Sequence[ItemId], Sequence[float]]] | None = None
     """Live popular lists by segment key (``None`` = global, ``"country=de"``), read by the
     retriever in its one store round trip; ``None`` when the store was not read."""
+    _history_ids: npt.NDArray[Any] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
+
+    @property
+    def history_ids(self) -> npt.NDArray[Any]:
+        """``history`` as one array to look up (``lookup_ids``), made once per request: every
+        history-driven source reads it, and converting the tuple cost more than their sums."""
+        got = self._history_ids
+        if got is None:  # racing threads compute the same array; either may be kept
+            got = lookup_ids(self.history, "request.history")
+            object.__setattr__(self, "_history_ids", got)
+        return got
 
     def __post_init__(self) -> None:
         n = len(self.history)

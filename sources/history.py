@@ -122,9 +122,12 @@ def weighted_history(
         weights = weights * np.fromiter(
             (event_weights.get(t, 1.0) for t in types), dtype=np.float64, count=n
         )
-    ids: list[Any] = list(request.seed_items) + list(hist)
-    if not ids:
+    if not request.seed_items and not n:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
+    if not request.seed_items and request.history_ids.dtype == np.int64:
+        uniq, summed = sum_by_id(request.history_ids[len(request.history) - n :], weights)
+        return uniq, summed.astype(np.float32)
+    ids: list[Any] = list(request.seed_items) + list(hist)
     all_w = np.concatenate([np.ones(len(request.seed_items)), weights])
     uniq, summed = sum_by_id(lookup_ids(ids, "request.history"), all_w)
     return uniq, summed.astype(np.float32)

@@ -76,7 +76,9 @@ class RecentSource(Source[RecentParams]):
             hist_request, self.params.history, self.params.recency_decay, self.params.event_weights
         )
         # Tie-break on the last position each item was seen at: later is better.
-        window = lookup_ids(request.history[-self.params.history :], "request.history")
+        window = request.history_ids[-self.params.history :]
+        if window.dtype != np.int64:  # a mixed history: spelled as its window alone spells it
+            window = lookup_ids(request.history[-self.params.history :], "request.history")
         rev_uniq, rev_first = np.unique(window[::-1], return_index=True)
         last_seen = len(window) - 1 - rev_first  # aligned with rev_uniq == ids (both sorted)
         if rev_uniq.shape != ids.shape:  # pragma: no cover - both are the sorted unique window

@@ -244,3 +244,19 @@ def test_no_kernel_compiles_on_a_request(built):
     before = [len(d.signatures) for d in dispatchers]
     blends(root / "retrieval.yaml", [{"user_id": 1, "history": [1, 2, 3]}])
     assert [len(d.signatures) for d in dispatchers] == before == [1, 1, 1]
+
+
+def test_a_requests_history_ids_are_made_once_and_spelled_as_before():
+    from retrieval.ids import lookup_ids
+    from retrieval.types import Request
+    from sources.history import weighted_history
+
+    req = Request(history=(5, 7, 5, 9))
+    assert req.history_ids is req.history_ids  # one conversion per request, shared by sources
+    ids, weights = weighted_history(req, 3, 0.5)
+    assert ids.tolist() == [5, 7, 9] and weights.tolist() == [1.0, 0.5, 0.25]
+    # A mixed history keeps the old spelling of its window: ints while the window is all ints.
+    mixed = Request(history=("sku-1", 7, 5))
+    ids, _ = weighted_history(mixed, 2, 0.9)
+    assert ids.dtype == np.int64 and ids.tolist() == [5, 7]
+    assert lookup_ids(list(mixed.history), "h").dtype.kind == "U"
