@@ -254,7 +254,7 @@ def test_a_requests_history_ids_are_made_once_and_spelled_as_before():
     req = Request(history=(5, 7, 5, 9))
     assert req.history_ids is req.history_ids  # one conversion per request, shared by sources
     ids, weights = weighted_history(req, 3, 0.5)
-    assert ids.tolist() == [5, 7, 9] and weights.tolist() == [1.0, 0.5, 0.25]
+    assert ids.tolist() == [5, 7, 9] and weights.tolist() == [0.5, 0.25, 1.0]
     # A mixed history keeps the old spelling of its window: ints while the window is all ints.
     mixed = Request(history=("sku-1", 7, 5))
     ids, _ = weighted_history(mixed, 2, 0.9)
