@@ -86,6 +86,11 @@ class CircuitBreaker:
                 self._opened_at = self._clock()
             self._probing = False
 
+    def reset(self) -> None:
+        """Closed, with no failures counted: outcomes before it (the retriever's warm-up
+        blends) are not the source's record."""
+        self.success()
+
     def release(self) -> None:
         """Give back a claimed probe without an outcome (the source was skipped)."""
         with self._lock:

@@ -260,3 +260,29 @@ def test_a_requests_history_ids_are_made_once_and_spelled_as_before():
     ids, _ = weighted_history(mixed, 2, 0.9)
     assert ids.dtype == np.int64 and ids.tolist() == [5, 7]
     assert lookup_ids(list(mixed.history), "h").dtype.kind == "U"
+
+
+def test_load_warms_up_with_whole_blends_that_the_breakers_then_forget(built):
+    """The warm-up runs real blends over catalogue items (the first request must not pay for
+    first calls), and a source failing through all of them still starts with a closed breaker:
+    the first real blend reports its ``error``, not ``circuit_open``."""
+    root, _ = built
+    cfg = root / "warm.yaml"
+    cfg.write_text(
+        textwrap.dedent(
+            """
+            k: 50
+            artifacts: build
+            breaker: {failures: 2}
+            sources:
+              - {name: covisit, kind: covisitation, params: {window: 5, top_k: 50}}
+              - {name: broken, kind: "tests.toy_sources:ListSource", params: {fail: true}}
+            """
+        )
+    )
+    with Retriever.from_yaml(cfg) as r:
+        broken = next(s for s in r.sources if s.name == "broken")
+        assert broken.calls > 2  # the touch, plus whole blends past the breaker's threshold
+        res = r.blend(history=[1, 2, 3])
+        assert res.report("broken").status.value == "error"
+        assert res.report("covisit").status.value == "ok"
