@@ -431,6 +431,7 @@ class AnnSource(Source[AnnParams]):
     items) are excluded from the results."""
 
     Params = AnnParams
+    reads = frozenset({"event_type", "weight"})
 
     def __init__(self, name: str, params: AnnParams, context: SourceContext) -> None:
         super().__init__(name, params, context)

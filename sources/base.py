@@ -133,6 +133,9 @@ class Source(ABC, Generic[P]):
     kind: ClassVar[str] = ""
     Params: ClassVar[type[SourceParams]] = NoParams
     needs: ClassVar[frozenset[Need]] = frozenset()
+    reads: ClassVar[frozenset[str]] = frozenset({"event_type", "session_id", "weight", "segments"})
+    """The optional log columns ``build`` uses (roles of ``events.columns``, plus ``segments``);
+    a build reads only what its sources name. The default names all of them."""
     _declares_params: ClassVar[bool] = False
 
     def __init_subclass__(cls, **kwargs: Any) -> None:

@@ -312,6 +312,7 @@ class CovisitationSource(NeighbourSource[CovisitationParams]):
     """Items seen near the history's items in the same sessions."""
 
     Params = CovisitationParams
+    reads = frozenset({"event_type", "session_id", "weight"})
     needs = frozenset({Need.HISTORY})
 
     @classmethod

@@ -204,6 +204,7 @@ class ItemCFSource(NeighbourSource[ItemCFParams]):
     """Items whose user columns are most like the history's items (cosine, BM25 or TF-IDF)."""
 
     Params = ItemCFParams
+    reads = frozenset({"event_type", "weight"})
     needs = frozenset({Need.HISTORY})
 
     @classmethod

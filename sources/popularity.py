@@ -198,6 +198,7 @@ class PopularitySource(Source[PopularityParams]):
     """
 
     Params = PopularityParams
+    reads = frozenset({"event_type", "weight", "segments"})
 
     def __init__(self, name: str, params: PopularityParams, context: SourceContext) -> None:
         super().__init__(name, params, context)

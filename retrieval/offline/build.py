@@ -93,8 +93,12 @@ def build(
         learning = [sc for sc in learning if sc.name in only]
     show = sys.stderr.isatty() if progress is None else progress
     t0 = time.perf_counter()
-    if events is None:
-        events = read_events(events_path, config.events.columns, needed_segments(config))
+    if events is None:  # only the columns the sources being built read
+        reads = frozenset().union(*(sc.source_class.reads for sc in learning))
+        segments = needed_segments(config) if "segments" in reads else []
+        events = read_events(
+            events_path, config.events.columns, segments, read_sessions="session_id" in reads
+        )
     logger.info(
         "read %d events from %s in %.1fs", len(events), events_path, time.perf_counter() - t0
     )

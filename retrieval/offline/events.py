@@ -116,17 +116,20 @@ def read_events(
     path: Path | str,
     columns: ColumnMap | None = None,
     segments: Sequence[str] = (),
+    *,
+    read_sessions: bool = True,
 ) -> EventLog:
     """Read, validate, encode and sort an event log (``.csv``, ``.csv.gz``, ``.parquet``, ``.pq``).
 
     Required columns: user id, item id, timestamp (unix seconds as int/float, or ISO-8601 text).
     Optional columns (``event_type``, ``session_id``, ``weight``) are used when present; naming
     one explicitly in ``columns`` makes it required. ``segments`` are columns to keep as coded
-    per-event values (e.g. country); missing values become the empty string.
+    per-event values (e.g. country); missing values become the empty string. ``read_sessions=False``
+    leaves the session column unread (at 100M events it decodes to 800 MB).
     """
     path = Path(path)
     cols = columns or ColumnMap()
-    table = _read_table(path, cols, list(segments))
+    table = _read_table(path, cols, list(segments), read_sessions)
     n = table.num_rows
     names = set(table.column_names)
     ctx = _Ctx(path, table, keep=segments)
@@ -197,7 +200,7 @@ def read_events(
 # reading
 
 
-def _read_table(path: Path, cols: ColumnMap, segments: list[str]) -> pa.Table:
+def _read_table(path: Path, cols: ColumnMap, segments: list[str], read_sessions: bool) -> pa.Table:
     """Only the needed columns, strings dictionary-encoded where the format allows it."""
     if not path.exists():
         raise EventsError(f"{path}: events file not found")
@@ -241,7 +244,7 @@ def _read_table(path: Path, cols: ColumnMap, segments: list[str]) -> pa.Table:
             f"are not in the file; columns found: {', '.join(repr(c) for c in found)}"
         )
 
-    optional = [cols.event_type, cols.session_id, cols.weight]
+    optional = [cols.event_type, *([cols.session_id] if read_sessions else []), cols.weight]
     wanted = list(
         dict.fromkeys([*required.values(), *(c for c in optional if c in found), *segments])
     )
