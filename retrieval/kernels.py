@@ -72,15 +72,19 @@ class Scratch:
         return self.keys, self.sums, self.stamp, self.order, self.gen
 
     def fit(self, entries: int) -> Scratch:
-        """This table, or a new one at least twice ``entries`` (kept for the next calls)."""
+        """This table, or a new one at least twice ``entries``: kept for the thread's next calls
+        up to ``_KEEP_SLOTS``, used once above it (a rare huge request must not leave every lane
+        thread holding tens of megabytes)."""
         if 2 * entries <= self.capacity:
             return self
         grown = Scratch(4 * entries)
-        _local.scratch = grown
+        if grown.capacity <= _KEEP_SLOTS:
+            _local.scratch = grown
         return grown
 
 
 _local = threading.local()
+_KEEP_SLOTS = 1 << 20  # 28 MB a table: ~260k summed entries, far above a default request's ~4k
 
 
 def scratch() -> Scratch:

@@ -93,9 +93,27 @@ def test_a_request_larger_than_the_scratch_table_grows_it():
     }
     before = kernels.scratch().capacity
     got, want = run_aggregate(aggregate, case), run_aggregate(aggregate_numpy, case)
-    assert kernels.scratch().capacity > before >= 0
+    assert kernels.scratch().capacity > before >= 0  # ~100k entries: kept for the next call
     assert got[0].size == 5000
     assert same_bits(got[0], want[0]) and same_bits(got[1], want[1])
+
+
+def test_a_huge_request_does_not_leave_its_table_behind(monkeypatch):
+    monkeypatch.setattr(kernels, "_KEEP_SLOTS", 1 << 15)
+    rng = np.random.default_rng(8)
+    case = random_case(rng)
+    case.update(rows=np.arange(2000, dtype=np.int32), weights=np.ones(2000, np.float32))
+    result: dict[str, object] = {}
+
+    def fresh_thread() -> None:  # a thread of its own: its table starts at the default size
+        got = run_aggregate(aggregate, case)
+        result["same"] = all(map(same_bits, got, run_aggregate(aggregate_numpy, case)))
+        result["kept"] = kernels.scratch().capacity
+
+    t = threading.Thread(target=fresh_thread)
+    t.start()
+    t.join()
+    assert result == {"same": True, "kept": kernels.Scratch().capacity}
 
 
 def random_lists(rng: np.random.Generator, n_sources: int) -> list[SourceList | None]:
