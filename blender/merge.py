@@ -70,9 +70,8 @@ def merge(
     ``merge_numpy``: the same slate either way, bit for bit.
     """
     present = [(j, s) for j, s in enumerate(lists) if s is not None and s.ids.size]
-    if strategy not in ("rrf", "score") or not present or k <= 0:
-        return merge_numpy(lists, k, strategy, rrf_k, exclude)
-    if any(s.ids.dtype != np.int64 for _, s in present):
+    int_ids = all(s.ids.dtype == np.int64 for _, s in present)
+    if strategy not in ("rrf", "score") or not present or k <= 0 or not int_ids:
         return merge_numpy(lists, k, strategy, rrf_k, exclude)
     ids = np.concatenate([s.ids for _, s in present])
     src = np.concatenate([np.full(s.ids.size, j, dtype=np.int32) for j, s in present])

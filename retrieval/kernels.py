@@ -95,6 +95,17 @@ def scratch() -> Scratch:
     return s
 
 
+def _on_table(kernel: Any, *args: Any) -> list[Any]:
+    """``kernel(*args, *table)`` on this thread's table, grown until the call fits. Every kernel
+    returns the entries it needs first: 0 once it ran, else how many it would need."""
+    s = scratch()
+    while True:
+        need, *out = kernel(*args, *s.table())
+        if need == 0:
+            return out
+        s = s.fit(need)
+
+
 # -- helpers inlined into the kernels -----------------------------------------------------------
 
 
@@ -303,14 +314,10 @@ def first_hop(
 ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float64]]:
     """``sources.neighbours.first_hop`` over a local CSR: the top ``k`` of the weighted sum of
     ``rows``' rows (plus each history item's own score), ``drop`` (sorted) left out."""
-    s = scratch()
-    while True:
-        need, ids, scores = _first_hop(
-            indptr, indices, values, rows, weights, self_weight, drop, k, *s.table()
-        )
-        if need == 0:
-            return ids, scores
-        s = s.fit(need)
+    ids, scores = _on_table(
+        _first_hop, indptr, indices, values, rows, weights, self_weight, drop, k
+    )
+    return ids, scores
 
 
 def second_hop(
@@ -328,15 +335,10 @@ def second_hop(
     """``sources.neighbours._second_hop`` over a local CSR: ``best`` followed by the neighbours
     of its best non-history items, each below the weakest first-hop score."""
     cap = np.nextafter(np.float32(best_scores[-1]), np.float32(0))
-    s = scratch()
-    while True:
-        need, ids, scores = _second_hop(
-            indptr, indices, values, best, best_scores, rows, drop, k, decay, cap, read,
-            *s.table(),
-        )  # fmt: skip
-        if need == 0:
-            return ids, scores
-        s = s.fit(need)
+    ids, scores = _on_table(
+        _second_hop, indptr, indices, values, best, best_scores, rows, drop, k, decay, cap, read
+    )
+    return ids, scores
 
 
 # -- the blend's merge ------------------------------------------------------------------------
@@ -399,14 +401,8 @@ def merge_sum(
     """``blender.merge.merge`` for sum strategies over int ids: each distinct id's summed
     ``contrib``, its rank in every source (-1: absent), the top ``k`` of those not ``banned``
     (sorted), ties to the smaller id."""
-    s = scratch()
-    while True:
-        need, uniq, scores, ranks = _merge_sum(
-            ids, contrib, src, rank, n_sources, k, banned, *s.table()
-        )
-        if need == 0:
-            return uniq, scores, ranks
-        s = s.fit(need)
+    uniq, scores, ranks = _on_table(_merge_sum, ids, contrib, src, rank, n_sources, k, banned)
+    return uniq, scores, ranks
 
 
 @nb.njit(nb.types.Tuple((nb.int64, nb.boolean))(_ro_i64, *_TABLE), **_JIT)
@@ -428,9 +424,5 @@ def _has_repeats(ids, keys, sums, stamp, order, gen):
 
 def has_repeats(ids: npt.NDArray[np.int64]) -> bool:
     """Whether an id occurs twice (one hashing pass; no sort)."""
-    s = scratch()
-    while True:
-        need, found = _has_repeats(ids, *s.table())
-        if need == 0:
-            return bool(found)
-        s = s.fit(need)
+    (found,) = _on_table(_has_repeats, ids)
+    return bool(found)
