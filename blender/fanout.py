@@ -525,7 +525,7 @@ class Blender:
             item_ids = unify_id_dtypes([item_ids, ids])[0]
         add = ids[keep][:need]
         if add.size == 0:
-            ctx.slate = Merged(item_ids, slate.scores, slate.ranks)
+            ctx.slate = Merged(item_ids, slate.scores, slate.ranks, slate.filtered)
             return
         scores = slate.scores
         floor = float(scores.min()) if scores.size else 1.0
@@ -540,6 +540,7 @@ class Blender:
             np.concatenate([item_ids, add]),
             np.concatenate([scores, add_scores]),
             np.concatenate([slate.ranks, add_ranks]),
+            slate.filtered,
         )
         ctx.backfilled = int(add.size)
 
@@ -559,6 +560,7 @@ class Blender:
             reports=reports,
             elapsed_ms=(time.monotonic() - ctx.started) * 1000,
             backfilled=ctx.backfilled,
+            filtered=slate.filtered,
         )
 
     # -- what the steps use ----------------------------------------------------------------

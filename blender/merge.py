@@ -47,6 +47,7 @@ class Merged:
     item_ids: npt.NDArray[Any]
     scores: npt.NDArray[np.float32]
     ranks: npt.NDArray[np.int32]  # (n, n_sources), -1 where absent
+    filtered: int = 0  # distinct candidates the exclusions removed (seen, excluded, blocked)
 
 
 def unify_id_dtypes(arrays: Sequence[npt.NDArray[Any]]) -> list[npt.NDArray[Any]]:
@@ -80,10 +81,10 @@ def merge(
     banned = [e.int_ids for e in exclude if e.int_ids.size]
     if len(banned) > 1:
         banned = [np.unique(np.concatenate(banned))]
-    item_ids, scores, ranks = kernels.merge_sum(
+    item_ids, scores, ranks, filtered = kernels.merge_sum(
         ids, contrib, src, rank, len(lists), k, banned[0] if banned else _NO_IDS
     )
-    return Merged(item_ids, scores, ranks)
+    return Merged(item_ids, scores, ranks, filtered)
 
 
 def _contributions(
@@ -139,18 +140,21 @@ def merge_numpy(
     allowed = np.ones(uniq.size, dtype=bool)
     for e in exclude:
         allowed &= e.allowed_sorted(uniq)
+    filtered = uniq.size - int(np.count_nonzero(allowed))
 
     if strategy == "quota":
         order, scores = _quota_order(present, uniq, inv, src, k, allowed)
-        return Merged(uniq[order], scores, ranks[order])
+        return Merged(uniq[order], scores, ranks[order], filtered)
 
     if strategy == "calibrated":
-        return _calibrated(present, groups, rank, ranks, k, allowed)
+        slate = _calibrated(present, groups, rank, ranks, k, allowed)
+        slate.filtered = filtered
+        return slate
 
     contrib = _contributions(present, strategy, rrf_k, rank)
     blended = groups.sum(contrib)
     order = _best(blended, uniq, k, allowed)
-    return Merged(uniq[order], blended[order].astype(np.float32), ranks[order])
+    return Merged(uniq[order], blended[order].astype(np.float32), ranks[order], filtered)
 
 
 def _best(

@@ -39,14 +39,17 @@ from retrieval.types import DEFAULT_EVENT_WEIGHTS, MAX_K
 from sources.base import Source, SourceParams, UnknownKindError, resolve_kind
 
 __all__ = [
+    "ArmConfig",
     "BlendConfig",
     "BreakerConfig",
     "ConfigError",
     "EventsConfig",
+    "ExperimentConfig",
     "LimitsConfig",
     "RetrievalConfig",
     "SourceConfig",
     "StoreConfig",
+    "arm_blend",
     "load_config",
 ]
 
@@ -306,6 +309,45 @@ class LimitsConfig(_Model):
     )
 
 
+class ArmConfig(_Model):
+    """One A/B arm (YAML ``experiment.arms[]``): a share of the users, served with the config's
+    blend and sources, or with the overrides given here."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Reported in the result (`arm`), the HTTP response and the metrics' `arm` "
+        "label; letters, digits, `_`, `.`, `-`.",
+    )
+    share: Float = Field(
+        gt=0, le=1, description="Fraction of users in this arm; the arms' shares sum to 1."
+    )
+    sources: list[str] | None = Field(
+        None,
+        description="The sources this arm blends, by name (config order is kept); null: all.",
+    )
+    blend: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keys of `blend` this arm sets differently, e.g. `{strategy: score}`.",
+    )
+
+
+class ExperimentConfig(_Model):
+    """A/B arms (YAML ``experiment``): each user is assigned by a stable hash of the user id and
+    ``salt``, so the same user stays in the same arm across requests, workers and restarts."""
+
+    salt: str = Field(
+        "arms",
+        min_length=1,
+        description="Mixed into the hash: change it to reshuffle users between arms.",
+    )
+    arms: list[ArmConfig] = Field(
+        default_factory=list,
+        description="The arms, at least two when set; requests without a user id get the first.",
+    )
+
+
 class SourceConfig(_Model):
     """One entry of YAML ``sources``: a named instance of a source kind with its own budget,
     blend weight and ``params`` (validated against the kind's ``Params`` model at load)."""
@@ -403,6 +445,10 @@ class RetrievalConfig(_Model):
     )
     limits: LimitsConfig = Field(
         default_factory=LimitsConfig, description="Caps on what one request may carry."
+    )
+    experiment: ExperimentConfig = Field(
+        default_factory=ExperimentConfig,
+        description="A/B arms: other blends or source sets for shares of the users.",
     )
     sources: list[SourceConfig] = Field(
         description="The candidate sources, at least one; config order is the merge order (and "
@@ -897,6 +943,8 @@ def _cross_checks(
                 "artifacts (curves are read from <artifacts>/calibration.json)",
             )
         )
+    if complete and "experiment" not in bad and "blend" not in bad:
+        problems += _arm_problems(config, list(first_seen))
     if "store" not in bad and config.store.kind == "redis" and not config.store.url:
         problems.append(
             (
@@ -905,3 +953,55 @@ def _cross_checks(
             )
         )
     return problems
+
+
+def _arm_problems(config: RetrievalConfig, names: Sequence[str]) -> list[tuple[str, str]]:
+    """The arms' shares, names, source subsets and blend overrides (each arm's blend is
+    validated as a whole ``blend`` section, so its errors read like the base one's)."""
+    arms = config.experiment.arms
+    if not arms:
+        return []
+    problems: list[tuple[str, str]] = []
+    if len(arms) < 2:
+        problems.append(("experiment.arms", "an experiment needs at least two arms"))
+    total = sum(a.share for a in arms)
+    if abs(total - 1.0) > 1e-6:
+        problems.append(
+            ("experiment.arms", f"shares sum to {total:g}; they must sum to 1 (e.g. 0.5 and 0.5)")
+        )
+    seen: set[str] = set()
+    for i, arm in enumerate(arms):
+        at = f"experiment.arms[{i}]"
+        if arm.name in seen:
+            problems.append((f"{at}.name", f"duplicate arm name {arm.name!r}"))
+        seen.add(arm.name)
+        chosen = names if arm.sources is None else arm.sources
+        for j, name in enumerate(arm.sources or ()):
+            if name not in names:
+                problems.append(
+                    (f"{at}.sources[{j}]", f"no source named {name!r}; allowed: {', '.join(names)}")
+                )
+        if arm.sources is not None and not arm.sources:
+            problems.append((f"{at}.sources", "at least one source (or null: all of them)"))
+        try:
+            blend = arm_blend(config, arm)
+        except ValidationError as exc:
+            for err in exc.errors():
+                problems.append((_format_loc(err["loc"], f"{at}.blend"), err["msg"]))
+            continue
+        if blend.fallback is not None and blend.fallback not in chosen:
+            problems.append(
+                (
+                    f"{at}.blend.fallback",
+                    f"{blend.fallback!r} is not among this arm's sources; allowed: "
+                    f"{', '.join(chosen)} (or null)",
+                )
+            )
+    return problems
+
+
+def arm_blend(config: RetrievalConfig, arm: ArmConfig) -> BlendConfig:
+    """The ``blend`` section ``arm`` runs: the config's, with the arm's keys over it."""
+    if not arm.blend:
+        return config.blend
+    return BlendConfig.model_validate({**config.blend.model_dump(), **arm.blend})

@@ -345,7 +345,7 @@ def second_hop(
 
 
 @nb.njit(
-    nb.types.Tuple((nb.int64, _i64, _f32, _i32_2d))(
+    nb.types.Tuple((nb.int64, _i64, _f32, _i32_2d, nb.int64))(
         _ro_i64, _ro_f64, _ro_i32, _ro_i32, nb.int64, nb.int64, _ro_i64, *_TABLE
     ),
     **_JIT,
@@ -354,7 +354,7 @@ def _merge_sum(ids, contrib, src, rank, n_sources, k, banned, keys, sums, stamp,
     # order[slot]: the slot's position in uniq (this kernel needs no first-seen list)
     n = ids.shape[0]
     if 2 * n > keys.shape[0]:
-        return n, ids[:0].copy(), np.empty(0, np.float32), np.empty((0, n_sources), np.int32)
+        return n, ids[:0].copy(), np.empty(0, np.float32), np.empty((0, n_sources), np.int32), 0
     g = gen[0] + 1
     gen[0] = g
     mask = keys.shape[0] - 1
@@ -386,7 +386,7 @@ def _merge_sum(ids, contrib, src, rank, n_sources, k, banned, keys, sums, stamp,
             ranks[u, src[i]] = rank[i]
     keep = allowed[:n_allowed]
     best = keep[_top_k(uniq[keep], blended[keep], k)]
-    return 0, uniq[best], blended[best].astype(np.float32), ranks[best]
+    return 0, uniq[best], blended[best].astype(np.float32), ranks[best], m - n_allowed
 
 
 def merge_sum(
@@ -397,12 +397,14 @@ def merge_sum(
     n_sources: int,
     k: int,
     banned: npt.NDArray[np.int64],
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.int32]]:
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32], npt.NDArray[np.int32], int]:
     """``blender.merge.merge`` for sum strategies over int ids: each distinct id's summed
     ``contrib``, its rank in every source (-1: absent), the top ``k`` of those not ``banned``
-    (sorted), ties to the smaller id."""
-    uniq, scores, ranks = _on_table(_merge_sum, ids, contrib, src, rank, n_sources, k, banned)
-    return uniq, scores, ranks
+    (sorted), ties to the smaller id; and how many distinct ids ``banned`` removed."""
+    uniq, scores, ranks, filtered = _on_table(
+        _merge_sum, ids, contrib, src, rank, n_sources, k, banned
+    )
+    return uniq, scores, ranks, int(filtered)
 
 
 @nb.njit(nb.types.Tuple((nb.int64, nb.boolean))(_ro_i64, *_TABLE), **_JIT)

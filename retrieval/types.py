@@ -209,6 +209,10 @@ class CandidateSet:
     store_status: str = "ok"
     cache_hit: bool = False
     backfilled: int = 0
+    filtered: int = 0
+    """Distinct candidates the filters removed (seen, excluded, blocked) before the cut to k."""
+    arm: str | None = None
+    """The A/B arm that served the request (``arms`` in the config), None without arms."""
 
     @classmethod
     def empty(
@@ -269,6 +273,8 @@ class CandidateSet:
             "store": self.store_status,
             "cache_hit": self.cache_hit,
             "backfilled": self.backfilled,
+            "filtered": self.filtered,
+            "arm": self.arm,
             "reports": [r.to_dict() for r in self.reports],
         }
         if with_candidates:

@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "retrieval.redact",
             "retrieval.version",
             "retrieval.kernels",
+            "retrieval.metrics",
         ),
     ),
     ("contract", ("sources.base", "sources.vector_index", "sources.history", "retrieval.config")),
@@ -32,6 +33,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("online", ("retrieval.online",)),
     ("offline", ("retrieval.offline",)),
     ("evaluation", ("retrieval.evaluation",)),
+    ("serving over HTTP", ("retrieval.serve",)),
     ("tools", ("retrieval.tools", "retrieval.testing")),
 ]
 

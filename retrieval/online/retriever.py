@@ -24,15 +24,16 @@ from blender.calibration import CALIBRATION_FILE, Calibration
 from blender.fanout import BlendContext, Blender, RequestLimits, SourceSlot
 from blender.filters import load_blocklist
 from retrieval.artifacts import check_built, open_artifacts, prefetch_page_cache, resolve_build
-from retrieval.config import ConfigError, RetrievalConfig, load_config
+from retrieval.config import ConfigError, RetrievalConfig, arm_blend, load_config
 from retrieval.errors import ClosedError, InputError
 from retrieval.ids import check_id
+from retrieval.metrics import MetricsSink
 from retrieval.store import Event, MemoryStore, Store
 from retrieval.store.cache import CacheFormatError, cache_key, decode_result, encode_result
 from retrieval.types import MAX_K, CandidateSet, Deadline, ItemId, Request, SourceStatus, UserId
 from sources.base import Need, Source, SourceContext, SourceParams
 
-__all__ = ["SERVING_STEPS", "Retriever", "blend", "make_blender"]
+__all__ = ["SERVING_STEPS", "Retriever", "arm_point", "blend", "make_blender", "make_store"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +72,23 @@ store and cache reads, the blend) and its driver runs that step, ``blend`` in pl
 class Retriever:
     """Loads every source once; ``blend`` is thread-safe and allocates little per call."""
 
-    def __init__(self, config: RetrievalConfig, *, store: Store | None = None) -> None:
+    def __init__(
+        self,
+        config: RetrievalConfig,
+        *,
+        store: Store | None = None,
+        metrics: MetricsSink | None = None,
+    ) -> None:
         self.config = config
+        self.metrics = metrics
         # One BLAS thread per call: the lanes already run sources in parallel, and implicit's
         # users' most common performance complaint is BLAS threads oversubscribing the cores.
         # The limit is process-wide, so ``close`` gives the host its own setting back.
         self._blas_limit = threadpool_limits(limits=1, user_api="blas")
-        self.store: Store = store if store is not None else _make_store(config)
+        # A store passed in is the caller's to close (``retrieval serve`` keeps one store across
+        # reloads); the one made here is closed with the retriever.
+        self._owns_store = store is None
+        self.store: Store = store if store is not None else make_store(config)
         artifacts = config.resolve_path(config.artifacts) if config.artifacts else None
         if artifacts is not None:
             # Resolved once: every file comes from one build, however often one is published.
@@ -107,6 +118,7 @@ class Retriever:
             self.close()
             raise
         self._blender = make_blender(config, self.sources, _load_curves(config, artifacts))
+        self._arms = _make_arms(config, self.sources, self._blender, artifacts)
         self._closed = False
         if artifacts is not None:
             prefetch.join(timeout=_PREFETCH_WAIT_S)
@@ -231,41 +243,56 @@ class Retriever:
         request = _as_request(
             request, user_id, history, seed_items, context, exclude, k, deadline_ms, vector
         )
-        ctx = self._gate(request, time.monotonic())
+        ctx = self._gate(request, time.monotonic()).ctx
         self._prepare(ctx)
         return ctx.request
 
     def _serve(
         self, request: Request, started: float
-    ) -> Generator[_Io | BlendContext, Any, CandidateSet]:
+    ) -> Generator[_Io | _Blend, Any, CandidateSet]:
         """The steps of ``SERVING_STEPS`` after "request", in order, for ``blend`` and
         ``ablend`` alike: each step that waits is yielded for the driver to run."""
-        ctx = self._gate(request, started)
+        run = self._gate(request, started)
+        ctx = run.ctx
         failures = self._store_failures()
         read_ok: bool = yield _Io(self._prepare, ctx)
         key = self._cache_key(ctx)
         if key is not None:
-            hit: CandidateSet | None = yield _Io(self._cache_get, key, ctx)
+            hit: CandidateSet | None = yield _Io(self._cache_get, key, run)
             if hit is not None:
-                return self._finish(hit, read_ok, ctx)
+                return self._finish(hit, read_ok, run)
         # The sources' clocks start now, after the store reads, so a slow store read is the
         # store's fault (``degraded``), never a source's timeout nor a failure its breaker
         # counts. The deadline stays the caller's, so the blend still ends when it says.
         ctx.sources_started = time.monotonic()
-        result: CandidateSet = yield ctx
+        result: CandidateSet = yield run
         read_ok = read_ok and self._store_failures() == failures
-        result = self._finish(result, read_ok, ctx)
+        result = self._finish(result, read_ok, run)
         if key is not None:
             self._cache_put(key, result)
         return result
 
-    def _gate(self, request: Request, started: float) -> BlendContext:
-        """The blender's context for ``request``, refused before any store read when it is
-        over the limits (a 100k-id exclude list would otherwise ask the store for 100k popular
-        items first), or when the retriever is closed."""
+    def _gate(self, request: Request, started: float) -> _Blend:
+        """The arm's blender and its context for ``request``, refused before any store read
+        when it is over the limits (a 100k-id exclude list would otherwise ask the store for
+        100k popular items first), or when the retriever is closed."""
         if self._closed:
             raise ClosedError("this Retriever is closed: make a new one to serve again")
-        return self._blender.context(request, started)
+        arm = self.arm_of(request.user_id)
+        return _Blend(arm, arm.blender.context(request, started))
+
+    def arm_of(self, user_id: UserId | None) -> _Arm:
+        """The A/B arm that serves ``user_id``: a stable hash of the id and the experiment's
+        salt, so a user keeps their arm across requests, workers and restarts (the first arm
+        serves requests without a user id)."""
+        arms = self._arms
+        if len(arms) == 1 or user_id is None:
+            return arms[0]
+        point = arm_point(self.config.experiment.salt, user_id)
+        for arm in arms:
+            if point < arm.upto:
+                return arm
+        return arms[-1]
 
     def _prepare(self, ctx: BlendContext) -> bool:
         """All the store reads this blend needs, in ONE ``fetch`` bounded by the time left
@@ -318,8 +345,8 @@ class Retriever:
             return None
         return cache_key(ctx.request, ctx.k, self._version)
 
-    def _cache_get(self, key: str, ctx: BlendContext) -> CandidateSet | None:
-        blob = self.store.cache_get(key, timeout_ms=self._read_budget_ms(ctx))
+    def _cache_get(self, key: str, run: _Blend) -> CandidateSet | None:
+        blob = self.store.cache_get(key, timeout_ms=self._read_budget_ms(run.ctx))
         if blob is None:
             return None
         try:
@@ -327,14 +354,20 @@ class Retriever:
         except CacheFormatError as exc:
             logger.debug("unreadable cached result %s: %s", key, exc)
             return None
-        if hit.source_names != self._blender.names:
+        if hit.source_names != run.arm.blender.names:
             return None
         hit.cache_hit = True
         return hit
 
-    def _finish(self, result: CandidateSet, read_ok: bool, ctx: BlendContext) -> CandidateSet:
+    def _finish(self, result: CandidateSet, read_ok: bool, run: _Blend) -> CandidateSet:
         result.store_status = "ok" if read_ok else "degraded"
-        result.elapsed_ms = (time.monotonic() - ctx.started) * 1000.0
+        result.elapsed_ms = (time.monotonic() - run.ctx.started) * 1000.0
+        result.arm = run.arm.name
+        if self.metrics is not None:
+            try:
+                self.metrics.observe(result)
+            except Exception:  # a sink's bug must not fail the blend
+                logger.warning("metrics sink failed; result served anyway", exc_info=True)
         return result
 
     def _store_failures(self) -> int:
@@ -355,7 +388,7 @@ class Retriever:
         with contextlib.suppress(RuntimeError):  # the pool is closing
             self._blender.submit(lambda: self.store.cache_set(key, blob, ttl, timeout_ms=timeout))
 
-    def _run(self, core: Generator[_Io | BlendContext, Any, CandidateSet]) -> CandidateSet:
+    def _run(self, core: Generator[_Io | _Blend, Any, CandidateSet]) -> CandidateSet:
         """Drive the core on this thread: each step that waits runs in place."""
         value: Any = None
         while True:
@@ -364,12 +397,12 @@ class Retriever:
             except StopIteration as done:
                 result: CandidateSet = done.value
                 return result
-            if isinstance(step, BlendContext):
-                value = self._blender.run(step)
+            if isinstance(step, _Blend):
+                value = step.arm.blender.run(step.ctx)
             else:
                 value = step.fn(*step.args)
 
-    async def _arun(self, core: Generator[_Io | BlendContext, Any, CandidateSet]) -> CandidateSet:
+    async def _arun(self, core: Generator[_Io | _Blend, Any, CandidateSet]) -> CandidateSet:
         """Drive the core on the event loop: each step that waits runs off it."""
         value: Any = None
         while True:
@@ -378,8 +411,8 @@ class Retriever:
             except StopIteration as done:
                 result: CandidateSet = done.value
                 return result
-            if isinstance(step, BlendContext):
-                value = await self._blender.arun(step)
+            if isinstance(step, _Blend):
+                value = await step.arm.blender.arun(step.ctx)
             else:
                 value = await asyncio.wrap_future(self._blender.submit(step.fn, *step.args))
 
@@ -418,8 +451,13 @@ class Retriever:
         if getattr(self, "_closed", False):
             return
         self._closed = True
-        blender = getattr(self, "_blender", None)
-        busy = set(blender.close(timeout_s)) if blender is not None else set()
+        blenders = [a.blender for a in getattr(self, "_arms", ())]
+        base = getattr(self, "_blender", None)
+        if base is not None and base not in blenders:
+            blenders.append(base)
+        busy: set[str] = set()
+        for blender in blenders:
+            busy.update(blender.close(timeout_s))
         for src in self.sources:
             if src.name in busy:
                 logger.warning(
@@ -429,7 +467,8 @@ class Retriever:
                 )
                 continue
             src.close()
-        self.store.close()
+        if self._owns_store:
+            self.store.close()
         limit = getattr(self, "_blas_limit", None)
         if limit is not None:
             limit.restore_original_limits()
@@ -487,7 +526,9 @@ def make_blender(
     )
 
 
-def _make_store(config: RetrievalConfig) -> Store:
+def make_store(config: RetrievalConfig) -> Store:
+    """The store a config describes (embedded or Redis), for a caller that shares one store
+    between retrievers (``Retriever(config, store=...)``)."""
     sc = config.store
     if sc.kind == "memory":
         return MemoryStore(
@@ -634,6 +675,68 @@ def _retriever_for(config: str | Path) -> Retriever:
 
 
 # -- the typed facade: the caller's arguments as one checked Request ----------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Arm:
+    """An A/B arm: its name (None without an experiment), its blender, and the top of its
+    slice of [0, 1) (``arm_point`` below it and above the previous arm's picks it)."""
+
+    name: str | None
+    blender: Blender
+    upto: float
+
+
+class _Blend:
+    """The blend step of one request: the arm's blender and the request's context."""
+
+    __slots__ = ("arm", "ctx")
+
+    def __init__(self, arm: _Arm, ctx: BlendContext) -> None:
+        self.arm = arm
+        self.ctx = ctx
+
+
+def arm_point(salt: str, user_id: UserId) -> float:
+    """Where ``user_id`` falls in [0, 1) for the experiment salted ``salt``: stable across
+    processes and versions (blake2b, not Python's randomised ``hash``); 123 and "123" agree."""
+    digest = hashlib.blake2b(f"{salt}\x00{user_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def _make_arms(
+    config: RetrievalConfig,
+    sources: Sequence[Source],
+    base: Blender,
+    artifacts: Path | None,
+) -> tuple[_Arm, ...]:
+    """One blender per arm over the sources already loaded (an arm without overrides serves
+    on the base blender); without an experiment, the base blender alone."""
+    arms = config.experiment.arms
+    if not arms:
+        return (_Arm(None, base, 1.0),)
+    out: list[_Arm] = []
+    upto = 0.0
+    for arm in arms:
+        upto += arm.share
+        if arm.sources is None and not arm.blend:
+            out.append(_Arm(arm.name, base, upto))
+            continue
+        keep = [
+            i
+            for i, sc in enumerate(config.sources)
+            if arm.sources is None or sc.name in arm.sources
+        ]
+        arm_config = config.model_copy(
+            update={
+                "blend": arm_blend(config, arm),
+                "sources": [config.sources[i] for i in keep],
+            }
+        )
+        arm_sources = [sources[i] for i in keep]
+        blender = make_blender(arm_config, arm_sources, _load_curves(arm_config, artifacts))
+        out.append(_Arm(arm.name, blender, upto))
+    return tuple(out)
 
 
 class _Io:
