@@ -93,6 +93,7 @@ class Retriever:
         if artifacts is not None:
             # Resolved once: every file comes from one build, however often one is published.
             artifacts = resolve_build(artifacts)
+        self.build: Path | None = artifacts  # what it serves, links resolved once
         _check_needs(config, artifacts)
         manifest_stamp = ""
         if artifacts is not None:

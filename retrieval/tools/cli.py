@@ -19,6 +19,7 @@ import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, cast
+from urllib.parse import urlsplit
 
 from retrieval.config import RetrievalConfig, load_config
 from retrieval.errors import InputError, RetrievalError, exit_code
@@ -253,6 +254,53 @@ def _eval(args: argparse.Namespace) -> int:
     _write_json_out(args, data)
     _write_report(args, lambda t, s: report_data(report, t, s))
     return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from retrieval.serve.server import ServeSettings, serve
+
+    settings = ServeSettings(
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        graceful_s=args.graceful_s,
+        watch_s=args.watch_s,
+        otel=args.otel,
+        access_log=not args.no_access_log,
+        json_logs=not args.text_logs,
+        log_level=args.log_level,
+    )
+    return serve(args.config, settings)
+
+
+def _loadtest(args: argparse.Namespace) -> int:
+    from retrieval.serve.loadtest import bodies_from_requests, run_load
+    from retrieval.tools.bench import sample_requests
+
+    config = load_config(args.config)
+    artifacts = args.artifacts or (
+        config.resolve_path(config.artifacts) if config.artifacts else None
+    )
+    if artifacts is None:
+        raise InputError("loadtest: pass --artifacts DIR (the config names no artifacts)")
+    requests = sample_requests(
+        config, artifacts.resolve(), args.events, args.requests, seed=args.seed
+    )
+    bodies = bodies_from_requests(requests, args.fields)
+    url = args.url.rstrip("/")
+    if urlsplit(url).path in ("", "/"):
+        url += "/v1/blend"
+    _log(f"{len(bodies)} request bodies; driving {url} for {args.duration:g} s")
+    result = run_load(
+        url, bodies, concurrency=args.concurrency, duration_s=args.duration, rate=args.rate
+    )
+    out = result.to_dict()
+    if args.json:
+        _print_json(out)
+    else:
+        print(result.format())
+    _write_json_out(args, out)
+    return 0 if result.ok else 1
 
 
 def _write_json_out(args: argparse.Namespace, data: dict[str, Any]) -> None:
@@ -861,6 +909,116 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_json(be, "latencies, throughput, RSS, per source, exact search")
     _add_json_out(be, "the figures")
+
+    sv = _command(
+        sub,
+        "serve",
+        _serve,
+        help="serve blends over HTTP (workers, metrics, hot reload)",
+        description="Serve CONFIG over HTTP: POST /v1/blend, POST /v1/events, GET /healthz,\n"
+        "/readyz, /metrics (Prometheus), /v1/info, /openapi.json, POST /admin/reload. Worker\n"
+        "processes share the listening socket and the memory-mapped build. SIGHUP, POST\n"
+        "/admin/reload or a new build published at the config's artifacts reload the build\n"
+        "without failing a request; SIGTERM or Ctrl-C stops after the requests in flight.",
+        examples=[
+            "retrieval serve examples/config.yaml --port 8000",
+            "retrieval serve config.yaml --host 0.0.0.0 --port 8000 --workers 2",
+        ],
+    )
+    _add_config(sv)
+    sv.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    sv.add_argument(
+        "--port", type=int, default=8000, help="port; 0 picks a free one (default: %(default)s)"
+    )
+    sv.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="worker processes; one per core uses every core (default: %(default)s)",
+    )
+    sv.add_argument(
+        "--graceful-s",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="longest a stop waits for the requests in flight (default: %(default)s)",
+    )
+    sv.add_argument(
+        "--watch-s",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="how often to check whether artifacts point at a new build; 0: never "
+        "(default: %(default)s)",
+    )
+    sv.add_argument("--otel", action="store_true", help="OpenTelemetry spans per blend and source")
+    sv.add_argument("--no-access-log", action="store_true", help="no log line per request")
+    sv.add_argument("--text-logs", action="store_true", help="plain-text logs instead of JSON")
+    sv.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="(default: %(default)s)",
+    )
+
+    lt = _command(
+        sub,
+        "loadtest",
+        _loadtest,
+        help="drive a running server over HTTP; print latency and throughput",
+        description="Send /v1/blend requests sampled from CONFIG's build (or from LOG) to URL at\n"
+        "a fixed concurrency, or at a fixed --rate (latency then counts from when each request\n"
+        "was due), and print p50/p95/p99, throughput and errors.",
+        examples=[
+            "retrieval loadtest http://127.0.0.1:8000 examples/config.yaml --duration 20",
+            "retrieval loadtest http://127.0.0.1:8000 config.yaml --events log.parquet "
+            "--rate 450 --concurrency 32 --json-out load.json",
+        ],
+    )
+    lt.add_argument("url", help="the server (e.g. http://127.0.0.1:8000) or its /v1/blend URL")
+    _add_config(lt)
+    lt.add_argument(
+        "--artifacts", type=Path, default=None, metavar="DIR", help="default: the config's"
+    )
+    lt.add_argument(
+        "--events",
+        type=Path,
+        default=None,
+        metavar="LOG",
+        help="log to sample requests from (default: users of the build, without history)",
+    )
+    lt.add_argument(
+        "--requests",
+        type=_positive,
+        default=2000,
+        metavar="N",
+        help="distinct bodies (default: %(default)s)",
+    )
+    lt.add_argument(
+        "--concurrency",
+        type=_positive,
+        default=8,
+        metavar="N",
+        help="connections (default: %(default)s)",
+    )
+    lt.add_argument(
+        "--rate", type=float, default=None, metavar="R", help="requests per second (open loop)"
+    )
+    lt.add_argument(
+        "--duration", type=float, default=10.0, metavar="S", help="seconds (default: %(default)s)"
+    )
+    lt.add_argument(
+        "--fields",
+        choices=["ids", "full"],
+        default="ids",
+        help="the response form asked for (default: %(default)s)",
+    )
+    lt.add_argument("--seed", type=int, default=0, metavar="N", help="picks the sampled requests")
+    _add_json(lt, "latencies, throughput, errors")
+    _add_json_out(lt, "the figures")
 
     dr = _command(
         sub,
