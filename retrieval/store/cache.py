@@ -61,7 +61,6 @@ def encode_result(result: CandidateSet) -> bytes:
         "sources": list(result.source_names),
         "reports": [r.to_dict() for r in result.reports],
         "backfilled": result.backfilled,
-        "filtered": result.filtered,
         "elapsed_ms": result.elapsed_ms,
     }
     head = json.dumps(header, separators=(",", ":")).encode("utf-8")
@@ -126,5 +125,4 @@ def _decode(blob: bytes) -> CandidateSet:
         reports=reports,
         elapsed_ms=float(header["elapsed_ms"]),
         backfilled=int(header["backfilled"]),
-        filtered=int(header.get("filtered", 0)),
     )

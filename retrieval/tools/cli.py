@@ -445,9 +445,10 @@ DESCRIPTION = """\
 The retrieval command line: build, serve-test, evaluate and tune candidate retrieval.
 
 Results go to stdout; progress bars and log lines ("wrote ...", timings) go to stderr.
-Every command takes --json: print its result as one JSON document on stdout instead of
-the human-readable text. The commands that measure (eval, tune, bench) also take
---json-out PATH, which writes that document to a file as well.
+Every command but serve takes --json: print its result as one JSON document on stdout
+instead of the human-readable text (serve has no result; its logs are JSON lines). The
+commands that measure (eval, tune, bench, loadtest) also take --json-out PATH, which writes
+that document to a file as well.
 Run `retrieval COMMAND --help` for a command's arguments and examples.
 """
 
