@@ -4,6 +4,7 @@ config errors."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
@@ -147,3 +148,35 @@ def test_arm_config_errors_name_the_field(arms: list[Any], where: str, says: str
         toy_config(experiment={"arms": arms})
     text = str(err.value)
     assert where in text and says in text, text
+
+
+def test_tracer_writes_a_blend_span_and_one_per_source() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from retrieval.serve.tracing import BlendTracer
+
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = BlendTracer(provider.get_tracer("test"))
+    sources = [
+        *TOY_SOURCES,
+        {"name": "bad", "kind": "tests.toy_sources:ListSource", "params": {"fail": True}},
+    ]
+    with Retriever(toy_config(sources=sources)) as r:
+        started = time.time_ns()
+        result = r.blend(user_id=5, history=[1, 2])
+    tracer.record(result, started, "rid-1")
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(spans) == {"blend", "source lists", "source echo", "source pop", "source bad"}
+    blend = spans["blend"]
+    assert blend.attributes["retrieval.request_id"] == "rid-1"
+    assert blend.attributes["retrieval.count"] == len(result)
+    for name in ("lists", "echo", "pop", "bad"):
+        span = spans[f"source {name}"]
+        assert span.parent is not None and span.parent.span_id == blend.context.span_id
+        assert blend.start_time <= span.start_time <= span.end_time <= blend.end_time
+        assert span.attributes["retrieval.status"] == result.report(name).status.value
+    assert not spans["source bad"].status.is_ok

@@ -9,7 +9,9 @@ columns straight to JSON, without a Python object per candidate.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import functools
 import ipaddress
 import logging
 import os
@@ -153,6 +155,7 @@ def create_app(
     """The ASGI app. ``load``: load the build in the background at startup (``/readyz`` says
     when it is done); the holder is closed at shutdown, after the requests in flight."""
     split_history = workers > 1 and holder.config.store.kind == "memory"
+    blend_thread = concurrent.futures.ThreadPoolExecutor(1, "blend")
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -165,6 +168,7 @@ def create_app(
             with contextlib.suppress(Exception):
                 await task
         await loop.run_in_executor(None, holder.close)
+        blend_thread.shutdown(wait=False)
 
     app = FastAPI(
         title="candidate-retrieval",
@@ -208,8 +212,13 @@ def create_app(
     async def blend(body: BlendBody, http: HttpRequest) -> Response:
         """Up to k deduplicated candidates with provenance and the per-source report."""
         started_ns = time.time_ns()
+        # On the worker's one blend thread: the loop stays free to accept, parse and answer
+        # health checks while a blend runs, and the sources still run in parallel on their
+        # lanes. ``ablend`` hands off between the loop and a pool at every step; at 1M items
+        # that cost 40% of the throughput (558 against 935 requests/s, README "Serve it").
         with holder.use() as retriever:
-            result = await retriever.ablend(
+            call = functools.partial(
+                retriever.blend,
                 user_id=body.user_id,
                 history=body.history,
                 seed_items=body.seed_items,
@@ -219,6 +228,7 @@ def create_app(
                 deadline_ms=body.deadline_ms,
                 vector=body.vector,
             )
+            result = await asyncio.get_running_loop().run_in_executor(blend_thread, call)
         if tracer is not None:
             tracer.record(result, started_ns, http.state.request_id)
         return _json(encode_result(result, body.fields))
