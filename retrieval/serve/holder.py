@@ -11,6 +11,7 @@ counters are not lost on reload.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import threading
 import time
@@ -74,6 +75,7 @@ class RetrieverHolder:
     def load(self) -> None:
         """The first load, on the caller's thread (readiness waits for it and its warm-up)."""
         self._swap(self._new_retriever(self.config))
+        _freeze_heap()
         if self._watch_s > 0:
             threading.Thread(target=self._watch, name="build-watch", daemon=True).start()
 
@@ -135,6 +137,7 @@ class RetrieverHolder:
 
     def _reload_once(self) -> bool:
         started = time.monotonic()
+        gc.unfreeze()  # the old build's objects become collectable again once it is closed
         try:
             config = load_config(self.config_path)
             if config.store != self.config.store:
@@ -161,6 +164,7 @@ class RetrieverHolder:
         )
         if old is not None:
             self._retire(old, _RETIRE_WAIT_S)
+        _freeze_heap()
         return True
 
     def _new_retriever(self, config: RetrievalConfig) -> Retriever:
@@ -206,3 +210,11 @@ class RetrieverHolder:
                 tried = now
                 logger.info("artifacts now point at %s: reloading", now)
                 self.reload()
+
+
+def _freeze_heap() -> None:
+    """Move everything loaded so far out of the collector's sight (``gc.freeze``): a full
+    collection then walks only what requests allocate, not the hundreds of thousands of
+    objects the libraries and the build hold, so it cannot stall a blend for tens of ms."""
+    gc.collect()
+    gc.freeze()
