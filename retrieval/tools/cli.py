@@ -277,16 +277,24 @@ def _loadtest(args: argparse.Namespace) -> int:
     from retrieval.serve.loadtest import bodies_from_requests, run_load
     from retrieval.tools.bench import sample_requests
 
-    config = load_config(args.config)
-    artifacts = args.artifacts or (
-        config.resolve_path(config.artifacts) if config.artifacts else None
-    )
-    if artifacts is None:
-        raise InputError("loadtest: pass --artifacts DIR (the config names no artifacts)")
-    requests = sample_requests(
-        config, artifacts.resolve(), args.events, args.requests, seed=args.seed
-    )
-    bodies = bodies_from_requests(requests, args.fields)
+    if args.bodies is not None:
+        bodies = [line.encode() for line in args.bodies.read_text().splitlines() if line.strip()]
+    else:
+        if args.config is None:
+            raise InputError("loadtest: pass CONFIG (to sample requests from) or --bodies FILE")
+        config = load_config(args.config)
+        artifacts = args.artifacts
+        if artifacts is None and config.artifacts is not None:
+            artifacts = config.resolve_path(config.artifacts)
+        if artifacts is None:
+            raise InputError("loadtest: pass --artifacts DIR (the config names no artifacts)")
+        requests = sample_requests(
+            config, artifacts.resolve(), args.events, args.requests, seed=args.seed
+        )
+        bodies = bodies_from_requests(requests, args.fields)
+    if args.save_bodies is not None:
+        args.save_bodies.write_bytes(b"".join(b + b"\n" for b in bodies))
+        _log(f"wrote {len(bodies)} bodies to {args.save_bodies}")
     url = args.url.rstrip("/")
     if urlsplit(url).path in ("", "/"):
         url += "/v1/blend"
@@ -980,7 +988,28 @@ def build_parser() -> argparse.ArgumentParser:
         ],
     )
     lt.add_argument("url", help="the server (e.g. http://127.0.0.1:8000) or its /v1/blend URL")
-    _add_config(lt)
+    lt.add_argument(
+        "config",
+        type=Path,
+        nargs="?",
+        default=None,
+        help="the YAML config whose build requests are sampled from (not needed with --bodies)",
+    )
+    lt.add_argument(
+        "--bodies",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="send these /v1/blend bodies (JSON lines) instead of sampling: e.g. your own "
+        "traffic, or a --save-bodies file (sampling a 100M-event log evicts the page cache)",
+    )
+    lt.add_argument(
+        "--save-bodies",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also write the bodies sent, as JSON lines, for a later --bodies",
+    )
     lt.add_argument(
         "--artifacts", type=Path, default=None, metavar="DIR", help="default: the config's"
     )
