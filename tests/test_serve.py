@@ -100,9 +100,12 @@ class Served:
                     got_port.set()
 
         threading.Thread(target=read, daemon=True).start()
-        if not got_port.wait(60):
-            self.stop()
-            raise AssertionError("server did not start:\n" + "".join(self.lines))
+        end = time.monotonic() + 60
+        while not got_port.wait(0.1):
+            if self.proc.poll() is not None or time.monotonic() > end:
+                self.stop()
+                time.sleep(0.2)  # the reader's last lines
+                raise AssertionError("server did not start:\n" + "".join(self.lines))
 
     def logs(self) -> list[dict[str, Any]]:
         out = []
@@ -532,3 +535,44 @@ def test_a_bad_config_fails_before_serving(tmp_path: Path) -> None:
         timeout=60,
     )
     assert proc.returncode == 2 and "sources" in proc.stderr
+
+
+def test_a_build_that_cannot_load_stops_the_server(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "c.yaml", tmp_path / "no-such-build")
+    proc = subprocess.run(
+        [sys.executable, "-m", "retrieval.tools.cli", "serve", str(cfg), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "did not load" in proc.stderr and "no-such-build" in proc.stderr
+
+
+def test_an_overloaded_worker_sheds_with_503(tmp_path: Path, serve: Any) -> None:
+    cfg = tmp_path / "slow.yaml"
+    cfg.write_text(
+        "k: 10\ndeadline_ms: 5000\nsources:\n"
+        "  - {name: slow, kind: 'tests.toy_sources:ListSource', timeout_ms: 4000, "
+        "params: {items: [1, 2, 3], delay_ms: 400}}\n"
+    )
+    server = serve(cfg, "--max-pending", "2")
+    server.wait_ready()
+    answers: list[Any] = []
+    threads = [
+        threading.Thread(target=lambda: answers.append(server.request("POST", "/v1/blend", {})))
+        for _ in range(6)
+    ]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)  # two blends hold the worker for 800 ms; its loop still answers
+    t0 = time.monotonic()
+    assert server.request("GET", "/readyz")[0] == 200
+    assert time.monotonic() - t0 < 0.3
+    for t in threads:
+        t.join(30)
+    statuses = sorted(a[0] for a in answers)
+    assert statuses.count(200) >= 2 and statuses.count(503) >= 1, statuses
+    shed = next(a for a in answers if a[0] == 503)
+    assert "overloaded" in shed[2]["error"] and shed[1].get("retry-after") == "1"

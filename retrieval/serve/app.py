@@ -27,7 +27,14 @@ from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
-from retrieval.errors import ClosedError, InputError, RequestTooLarge, StoreError
+from retrieval.errors import (
+    ClosedError,
+    InputError,
+    RequestTooLarge,
+    RetrievalError,
+    StoreError,
+    exit_code,
+)
 from retrieval.metrics import render
 from retrieval.serve.holder import NotReady, RetrieverHolder
 from retrieval.serve.schema import BlendBody, BlendResponse, EventsBody
@@ -151,11 +158,15 @@ def create_app(
     tracer: BlendTracer | None = None,
     log_requests: bool = True,
     load: bool = True,
+    max_pending: int = 100,
 ) -> Any:
     """The ASGI app. ``load``: load the build in the background at startup (``/readyz`` says
-    when it is done); the holder is closed at shutdown, after the requests in flight."""
+    when it is done); the holder is closed at shutdown, after the requests in flight.
+    ``max_pending``: blends waiting for the worker's blend thread beyond which a request is
+    refused at once (503), so an overloaded worker sheds instead of queueing without end."""
     split_history = workers > 1 and holder.config.store.kind == "memory"
     blend_thread = concurrent.futures.ThreadPoolExecutor(1, "blend")
+    pending = 0
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -211,6 +222,9 @@ def create_app(
     @app.post("/v1/blend", response_model=BlendResponse, tags=["serving"])
     async def blend(body: BlendBody, http: HttpRequest) -> Response:
         """Up to k deduplicated candidates with provenance and the per-source report."""
+        nonlocal pending
+        if pending >= max_pending:
+            return _error(503, f"overloaded: {pending} blends already wait in this worker")
         started_ns = time.time_ns()
         # On the worker's one blend thread: the loop stays free to accept, parse and answer
         # health checks while a blend runs, and the sources still run in parallel on their
@@ -228,7 +242,11 @@ def create_app(
                 deadline_ms=body.deadline_ms,
                 vector=body.vector,
             )
-            result = await asyncio.get_running_loop().run_in_executor(blend_thread, call)
+            pending += 1
+            try:
+                result = await asyncio.get_running_loop().run_in_executor(blend_thread, call)
+            finally:
+                pending -= 1
         if tracer is not None:
             tracer.record(result, started_ns, http.state.request_id)
         return _json(encode_result(result, body.fields))
@@ -337,11 +355,19 @@ def _field_problems(errors: Sequence[Any]) -> list[dict[str, str]]:
 
 
 def _load(holder: RetrieverHolder) -> None:
+    """The first load. When it fails under the supervisor, the whole server stops (exit code
+    3 for artifacts, 2 for the config): a server that can never become ready should not look
+    alive. Alone (an app made by ``create_app``), it stays up and not ready."""
     try:
         holder.load()
     except Exception as exc:
         holder.last_error = f"{type(exc).__name__}: {exc}"
         logger.error("the build did not load: %s", holder.last_error)
+        supervisor = os.environ.get(SUPERVISOR_ENV)
+        if supervisor:
+            code = exit_code(exc) if isinstance(exc, RetrievalError) else 1
+            signal_for = {2: signal.SIGUSR2, 3: signal.SIGUSR1}
+            os.kill(int(supervisor), signal_for.get(code, signal.SIGTERM))
 
 
 def _loopback(http: HttpRequest) -> bool:

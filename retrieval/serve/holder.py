@@ -172,6 +172,9 @@ class RetrieverHolder:
 
     def _swap(self, retriever: Retriever) -> Generation | None:
         with self._lock:
+            if self._closing:  # a reload that finished after the stop began
+                retriever.close()
+                return None
             old = self._current
             number = 0 if old is None else old.number + 1
             self._current = Generation(retriever, number)

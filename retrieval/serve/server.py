@@ -45,6 +45,7 @@ class ServeSettings:
     workers: int = 1
     graceful_s: float = 30.0
     watch_s: float = 2.0
+    max_pending: int = 100
     otel: bool = False
     access_log: bool = True
     json_logs: bool = True
@@ -77,6 +78,7 @@ def serve(config_path: str | Path, settings: ServeSettings) -> int:
     )
     ctx = multiprocessing.get_context("spawn")
     stopping = False
+    failed = 0  # the exit code when a worker could not load the build
     reloads = 0
 
     def start() -> Any:
@@ -93,6 +95,11 @@ def serve(config_path: str | Path, settings: ServeSettings) -> int:
         nonlocal stopping
         stopping = True
 
+    def on_load_failed(signum: int, _: Any) -> None:
+        nonlocal stopping, failed
+        failed = 3 if signum == signal.SIGUSR1 else 2
+        stopping = True
+
     def on_hup(signum: int, _: Any) -> None:
         nonlocal reloads
         reloads += 1
@@ -100,6 +107,8 @@ def serve(config_path: str | Path, settings: ServeSettings) -> int:
     signal.signal(signal.SIGTERM, on_stop)
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_hup)
+    signal.signal(signal.SIGUSR1, on_load_failed)  # a worker's build failed its checks
+    signal.signal(signal.SIGUSR2, on_load_failed)  # a worker's config did not load
     workers = [start() for _ in range(settings.workers)]
     forwarded = 0
     try:
@@ -132,6 +141,9 @@ def serve(config_path: str | Path, settings: ServeSettings) -> int:
                 w.join(5)
         sock.close()
         shutil.rmtree(metrics_dir, ignore_errors=True)
+    if failed:
+        logger.error("stopped: a worker could not load the build (its error is above)")
+        return failed
     logger.info("stopped")
     return 0
 
@@ -180,6 +192,7 @@ def _worker_main(config_path: str, sock: socket.socket, settings: ServeSettings)
         admin_token=os.environ.get(ADMIN_TOKEN_ENV) or None,
         tracer=BlendTracer() if settings.otel else None,
         log_requests=settings.access_log,
+        max_pending=settings.max_pending,
     )
     config = uvicorn.Config(
         app,

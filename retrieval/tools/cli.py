@@ -265,6 +265,7 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
         graceful_s=args.graceful_s,
         watch_s=args.watch_s,
+        max_pending=args.max_pending,
         otel=args.otel,
         access_log=not args.no_access_log,
         json_logs=not args.text_logs,
@@ -961,6 +962,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=2.0,
         metavar="S",
         help="how often to check whether artifacts point at a new build; 0: never "
+        "(default: %(default)s)",
+    )
+    sv.add_argument(
+        "--max-pending",
+        type=_positive,
+        default=100,
+        metavar="N",
+        help="blends waiting in one worker beyond which requests get 503 at once "
         "(default: %(default)s)",
     )
     sv.add_argument("--otel", action="store_true", help="OpenTelemetry spans per blend and source")
