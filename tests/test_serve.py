@@ -475,17 +475,22 @@ def test_arms_by_stable_hash(built: dict[str, Path], serve: Any) -> None:
     assert [a["name"] for a in info["arms"]] == ["control", "lean"]
 
 
-# -- lifecycle --------------------------------------------------------------------------------
-
-
-def test_graceful_stop_finishes_requests_in_flight(tmp_path: Path, serve: Any) -> None:
+def slow_config(tmp_path: Path, delay_ms: int) -> Path:
+    """One source that takes ``delay_ms`` per call, well within the deadline."""
     cfg = tmp_path / "slow.yaml"
     cfg.write_text(
         "k: 10\ndeadline_ms: 5000\nsources:\n"
         "  - {name: slow, kind: 'tests.toy_sources:ListSource', timeout_ms: 4000, "
-        "params: {items: [1, 2, 3], delay_ms: 1200}}\n"
+        f"params: {{items: [1, 2, 3], delay_ms: {delay_ms}}}}}\n"
     )
-    server = serve(cfg, "--workers", "2")
+    return cfg
+
+
+# -- lifecycle --------------------------------------------------------------------------------
+
+
+def test_graceful_stop_finishes_requests_in_flight(tmp_path: Path, serve: Any) -> None:
+    server = serve(slow_config(tmp_path, delay_ms=1200), "--workers", "2")
     server.wait_all_ready(2)
     answers: list[Any] = []
 
@@ -551,13 +556,7 @@ def test_a_build_that_cannot_load_stops_the_server(tmp_path: Path) -> None:
 
 
 def test_an_overloaded_worker_sheds_with_503(tmp_path: Path, serve: Any) -> None:
-    cfg = tmp_path / "slow.yaml"
-    cfg.write_text(
-        "k: 10\ndeadline_ms: 5000\nsources:\n"
-        "  - {name: slow, kind: 'tests.toy_sources:ListSource', timeout_ms: 4000, "
-        "params: {items: [1, 2, 3], delay_ms: 400}}\n"
-    )
-    server = serve(cfg, "--max-pending", "2")
+    server = serve(slow_config(tmp_path, delay_ms=400), "--max-pending", "2")
     server.wait_ready()
     answers: list[Any] = []
     threads = [

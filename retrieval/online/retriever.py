@@ -175,11 +175,18 @@ class Retriever:
             slot.breaker.reset()
 
     @classmethod
-    def from_yaml(cls, path: str | Path, *, store: Store | None = None) -> Retriever:
+    def from_yaml(
+        cls,
+        path: str | Path,
+        *,
+        store: Store | None = None,
+        metrics: MetricsSink | None = None,
+    ) -> Retriever:
         """A retriever for the YAML config at ``path`` (relative paths in it resolve against
         its directory); ``ConfigError`` names each problem with its key. Pass ``store`` to
-        share one store between retrievers instead of the config's own."""
-        return cls(load_config(path), store=store)
+        share one store between retrievers instead of the config's own (you close it), and
+        ``metrics`` to record every served blend (``retrieval.metrics``)."""
+        return cls(load_config(path), store=store, metrics=metrics)
 
     # -- serving: the request path, as named steps (``SERVING_STEPS``) ----------------------
 

@@ -518,6 +518,16 @@ def _add_json_out(p: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def _add_sample_log(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--events",
+        type=Path,
+        default=None,
+        metavar="LOG",
+        help="log to sample requests from (default: users of the build, without history)",
+    )
+
+
 def _add_report(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--report", type=Path, metavar="PATH", help="also write a self-contained HTML report"
@@ -874,13 +884,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument(
         "--artifacts", type=Path, required=True, metavar="DIR", help="the output of `build`"
     )
-    be.add_argument(
-        "--events",
-        type=Path,
-        default=None,
-        metavar="LOG",
-        help="log to sample requests from (default: users of the build, without history)",
-    )
+    _add_sample_log(be)
     be.add_argument(
         "--requests",
         type=_positive,
@@ -1022,13 +1026,7 @@ def build_parser() -> argparse.ArgumentParser:
     lt.add_argument(
         "--artifacts", type=Path, default=None, metavar="DIR", help="default: the config's"
     )
-    lt.add_argument(
-        "--events",
-        type=Path,
-        default=None,
-        metavar="LOG",
-        help="log to sample requests from (default: users of the build, without history)",
-    )
+    _add_sample_log(lt)
     lt.add_argument(
         "--requests",
         type=_positive,
