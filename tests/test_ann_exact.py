@@ -194,8 +194,10 @@ def test_faiss_calibration_uses_serving_metric_and_queries(tmp_path, als_log, mo
     meta = json.loads((root / "ann" / "ann.json").read_text())
     source = open_source(root, p)
     assert isinstance(source.index, FaissIVF)
-    assert meta["metric"] == "dot" and not source.index.l2
     items = np.load(root / "ann" / "item_factors.npy")
+    # dot is searched as L2 over rows lifted to the longest row's norm (ann_faiss.lifted)
+    assert meta["metric"] == "dot" and source.index.lift is not None
+    assert source.index.lift == pytest.approx(np.linalg.norm(items, axis=1).max(), rel=1e-5)
     gram = np.load(root / "ann" / "gram.npy")
     queries = ann_module._calibration_queries(als_log, items, None, None, gram, p)
     assert queries.shape[0] == meta["nprobe_queries"] == 200
@@ -219,6 +221,12 @@ def test_faiss_calibration_uses_serving_metric_and_queries(tmp_path, als_log, mo
     ]
     assert abs(np.mean(hits) / 20 - meta["nprobe_recall"]) < 1e-3
     assert meta["nprobe_recall"] >= p.target_recall
+    # and the scores it returns are the inner products, back from the lifted distances
+    for q in queries[:20]:
+        rows, scores = source.index.search(q, 20)
+        exact = items[rows] @ q
+        assert np.allclose(scores, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
+        assert np.all(np.diff(scores) <= 1e-5 * np.abs(exact).max())
 
 
 def test_bad_request_vectors_skip_on_exact(emb, tmp_path):
