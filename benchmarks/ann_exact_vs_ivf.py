@@ -103,8 +103,11 @@ def one_size(n: int, dims: int, m: int, k: int) -> None:
     faiss.omp_set_num_threads(1)
     params = faiss.SearchParametersIVF(nprobe=meta["nprobe"])
 
+    lift = meta.get("lift")  # dot is searched over lifted rows (sources.ann_faiss.lifted)
+
     def ivf(v: F32) -> I64:
-        return np.asarray(index.search(v[None, :], k, params=params)[1][0], dtype=np.int64)
+        w = v[None, :] if lift is None else np.append(v, np.float32(0))[None, :]
+        return np.asarray(index.search(w, k, params=params)[1][0], dtype=np.int64)
 
     with threadpool_limits(1):
         truth, np50, np99 = timed(lambda v: exact_numpy(x, v, k), q)
