@@ -50,6 +50,7 @@ __all__ = [
     "SourceConfig",
     "StoreConfig",
     "arm_blend",
+    "field_path",
     "load_config",
 ]
 
@@ -750,7 +751,8 @@ def _under(path: str, parent: str) -> bool:
     return path == parent or path.startswith((parent + ".", parent + "["))
 
 
-def _format_loc(loc: Sequence[int | str], prefix: str = "") -> str:
+def field_path(loc: Sequence[int | str], prefix: str = "") -> str:
+    """A pydantic error location as one readable path: ``sources[1].params.window``."""
     out = prefix
     for part in loc:
         out = f"{out}[{part}]" if isinstance(part, int) else _join(out, str(part))
@@ -793,7 +795,7 @@ def _pydantic_problems(
     problems = []
     for err in errors:
         loc = err["loc"]
-        path = _format_loc(loc, prefix)
+        path = field_path(loc, prefix)
         if err["type"] == "extra_forbidden":
             owner = _model_at(model, loc)
             allowed = ", ".join(owner.model_fields) if owner is not None else "see the docs"
@@ -987,7 +989,7 @@ def _arm_problems(config: RetrievalConfig, names: Sequence[str]) -> list[tuple[s
             blend = arm_blend(config, arm)
         except ValidationError as exc:
             for err in exc.errors():
-                problems.append((_format_loc(err["loc"], f"{at}.blend"), err["msg"]))
+                problems.append((field_path(err["loc"], f"{at}.blend"), err["msg"]))
             continue
         if blend.fallback is not None and blend.fallback not in chosen:
             problems.append(

@@ -27,6 +27,7 @@ from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 
+from retrieval.config import field_path
 from retrieval.errors import (
     ClosedError,
     InputError,
@@ -345,10 +346,7 @@ def _field_problems(errors: Sequence[Any]) -> list[dict[str, str]]:
         loc = [p for p in err["loc"] if p != "body"]
         if loc and loc[-1] in _UNION_TAGS and err["type"] != "missing":
             loc = loc[:-1]
-        name = ""
-        for part in loc:
-            name = f"{name}[{part}]" if isinstance(part, int) else f"{name}.{part}".lstrip(".")
-        msgs = by_field.setdefault(name or "(body)", [])
+        msgs = by_field.setdefault(field_path(loc) or "(body)", [])
         if err["msg"] not in msgs:
             msgs.append(err["msg"])
     return [{"field": f, "message": "; or ".join(m)} for f, m in by_field.items()]
