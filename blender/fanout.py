@@ -41,7 +41,9 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import contextlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Generator, Sequence
@@ -53,7 +55,7 @@ import numpy.typing as npt
 
 from blender.breaker import CircuitBreaker
 from blender.filters import Exclusions
-from blender.lanes import Lane
+from blender.lanes import Arrivals, Lane
 from blender.merge import Merged, SourceList, Strategy, merge, unify_id_dtypes
 from retrieval import kernels
 from retrieval.errors import InputError, RequestTooLarge, SourceError
@@ -181,6 +183,8 @@ class BlendContext:
     filters: tuple[Exclusions, ...] = ()
     # gate, fan_out, collect
     calls: list[_Call] = field(default_factory=list)
+    arrivals: Arrivals | None = None
+    """How the started calls wake the caller: set by the driver (``run`` or ``arun``)."""
     results: list[Ranked | None] = field(default_factory=list)
     # lists, merge, backfill
     lists: list[SourceList | None] = field(default_factory=list)
@@ -249,6 +253,11 @@ class Blender:
         cap = workers or 32
         for slot in self.slots:
             slot.lane = Lane(slot.name, cap)
+        # The threads that run a blend's calls in turn when every core is busy (``_fan_out``).
+        self._runners = Lane("turns", cap)
+        self._blending = 0  # blends in ``run`` or ``arun`` now
+        self._count_lock = threading.Lock()
+        self._cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
         # Side work (warm-up, cache writes, async store reads) queues here, never on a source's
         # lane, so it can neither be shed nor take a source's thread.
         self._side = Lane("side", max(2, cap))
@@ -274,16 +283,38 @@ class Blender:
 
     def run(self, ctx: BlendContext) -> CandidateSet:
         """The steps over a context from ``context``, waiting on this thread."""
-        core = self._core(ctx)
-        self._wait(next(core))
-        return _rest(core)
+        ctx.arrivals = Arrivals()
+        with self._in_flight():
+            core = self._core(ctx)
+            self._wait(next(core))
+            return _rest(core)
 
     async def arun(self, ctx: BlendContext) -> CandidateSet:
         """``run`` for asyncio: the wait is awaited, and the steps after it (the merge; a
         backfill may wait on the fallback) run off the event loop, on the side lane."""
-        core = self._core(ctx)
-        await self._await(next(core))
-        return await asyncio.wrap_future(self._side.submit(_rest, core))
+        loop = asyncio.get_running_loop()
+        arrived = asyncio.Event()
+
+        def wake() -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+                loop.call_soon_threadsafe(arrived.set)
+
+        ctx.arrivals = Arrivals(wake=wake)
+        with self._in_flight():
+            core = self._core(ctx)
+            await self._await(next(core), arrived)
+            return await asyncio.wrap_future(self._side.submit(_rest, core))
+
+    @contextlib.contextmanager
+    def _in_flight(self) -> Generator[None, None, None]:
+        """Counts the blends running now: with as many as cores, calls take turns."""
+        with self._count_lock:
+            self._blending += 1
+        try:
+            yield
+        finally:
+            with self._count_lock:
+                self._blending -= 1
 
     def combine(
         self, request: Request, results: Sequence[Ranked | None]
@@ -315,6 +346,7 @@ class Blender:
         files or native indexes from under a live query, so the caller must leave them open.
         """
         end = time.monotonic() + timeout_s
+        self._runners.close(0.0)  # a runner's calls are claimed on their lanes: waited below
         busy = [
             slot.name
             for slot in self.slots
@@ -407,61 +439,85 @@ class Blender:
         ctx.calls = calls
 
     def _fan_out(self, ctx: BlendContext) -> None:
-        """The calls the gate let through start on their sources' lanes, each asked for
-        ``k_ask``; a full lane sheds its call at once."""
-        for call in ctx.calls:
+        """The calls the gate let through start, each asked for ``k_ask``; a source with
+        ``workers`` calls already in flight is shed at once.
+
+        With fewer blends in flight than cores, each call starts on its source's own lane, so
+        the sources of one blend run side by side. With as many blends as cores, the calls take
+        turns on one runner thread instead: the cores are busy anyway, and a thread hand-off per
+        source, each a round trip on the GIL, would cost more than the overlap gains. Either
+        way each call tells ``ctx.arrivals`` when it has answered, and a slow source in a turn
+        costs the others at most a quarter of their time (``Arrivals``)."""
+        arrivals = ctx.arrivals
+        if arrivals is None:  # a context driven by hand: block on a lock, like ``run``
+            arrivals = ctx.arrivals = Arrivals()
+        claimed: list[int] = []
+        for i, call in enumerate(ctx.calls):
             if call.report is not None:
                 continue
             slot = call.slot
             assert slot.lane is not None
             try:
-                call.future = slot.lane.try_submit(
-                    _run_source, slot.source, ctx.request, ctx.k_ask, call.deadline, call
-                )
-            except RuntimeError:  # closing: give back the probes the gate claimed
+                call.started = slot.lane.try_claim()
+            except RuntimeError:  # closing: give back the probes and claims taken so far
                 for c in ctx.calls:
-                    if c.report is None and c.future is None:
+                    if c.started:
+                        c.slot.lane.unclaim()  # type: ignore[union-attr]
+                    if c.report is None:
                         c.slot.breaker.release()
                 raise
-            if call.future is None:
+            if call.started:
+                arrivals.expect(i, call.deadline.at)
+                claimed.append(i)
+            else:
                 slot.breaker.release()
                 call.report = SourceReport(
                     slot.name, SourceStatus.SHED, error=f"{slot.lane.cap} calls already in flight"
                 )
+        if len(claimed) > 1 and self._blending >= self._cores:
+            claimed.sort(key=lambda i: ctx.calls[i].deadline.at)
+            arrivals.in_turn(claimed)
+            args = (ctx.calls, ctx.request, ctx.k_ask, arrivals)
+            try:
+                started = self._runners.try_start(_run_in_turn, args, _nothing, None)
+            except RuntimeError:  # closing: the calls are claimed, so their lanes still run them
+                started = False
+            if not started:
+                self._restart(ctx, arrivals.stalled(force=True))
+        else:
+            self._restart(ctx, claimed)
+        arrivals.fanned_out()
 
     @staticmethod
-    def _wait(ctx: BlendContext) -> None:
-        """Block until every call has answered or its own deadline has passed."""
-        pending = [c for c in ctx.calls if c.future is not None]
-        arrived = threading.Event()
-        for c in pending:
-            assert c.future is not None
-            c.future.add_done_callback(lambda _f: arrived.set())
-        while True:
-            now = time.monotonic()
-            pending = [c for c in pending if not c.future.done() and c.deadline.at > now]  # type: ignore[union-attr]
-            if not pending:
-                return
-            arrived.wait(max(c.deadline.at for c in pending) - now)
-            arrived.clear()
-
-    @staticmethod
-    async def _await(ctx: BlendContext) -> None:
-        """``_wait`` for asyncio: the same rule, without blocking the loop."""
-        pending = {asyncio.wrap_future(c.future): c for c in ctx.calls if c.future is not None}
-        while pending:
-            now = time.monotonic()
-            wake = max(c.deadline.at for c in pending.values())
-            if now >= wake:
-                return
-            done, _ = await asyncio.wait(
-                list(pending), timeout=wake - now, return_when=asyncio.FIRST_COMPLETED
+    def _restart(ctx: BlendContext, tokens: list[int]) -> None:
+        """Start these claimed calls each on its own source's lane."""
+        assert ctx.arrivals is not None
+        for i in tokens:
+            call = ctx.calls[i]
+            slot = call.slot
+            assert slot.lane is not None
+            slot.lane.start_claimed(
+                _run_source,
+                (slot.source, ctx.request, ctx.k_ask, call.deadline, call),
+                _delivered,
+                (call, ctx.arrivals, i),
             )
-            for fut in done:
-                pending.pop(fut)
-            now = time.monotonic()  # stop waiting for sources whose own timeout has passed
-            for fut in [f for f, c in pending.items() if c.deadline.at <= now]:
-                pending.pop(fut)
+
+    def _wait(self, ctx: BlendContext) -> None:
+        """Block until every call has answered or its own deadline has passed."""
+        assert ctx.arrivals is not None
+        ctx.arrivals.wait(lambda stalled: self._restart(ctx, stalled))
+
+    async def _await(self, ctx: BlendContext, arrived: asyncio.Event) -> None:
+        """``_wait`` for asyncio: the same rule, without blocking the loop."""
+        arrivals = ctx.arrivals
+        assert arrivals is not None
+        while (until := arrivals.until()) is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(arrived.wait(), until - time.monotonic())
+            arrived.clear()
+            if stalled := arrivals.stalled():
+                self._restart(ctx, stalled)
 
     def _collect(self, ctx: BlendContext) -> None:
         """Each call's answer, checked here on the caller's thread, or its report."""
@@ -570,9 +626,7 @@ class Blender:
         slot = call.slot
         if call.report is not None:  # skipped, shed or circuit-open before it ran
             return None
-        fut = call.future
-        assert fut is not None
-        outcome = fut.result() if fut.done() else None
+        outcome = call.outcome if call.arrived else None
         if outcome is None or outcome.finished_at > call.deadline.at:
             # Late is late even if it landed while we were collecting the others: the outcome
             # must not depend on how fast this thread got here.
@@ -683,7 +737,9 @@ class _Call:
 
     slot: SourceSlot
     deadline: Deadline
-    future: cf.Future[_Outcome | None] | None = None
+    started: bool = False  # accepted by its lane (not shed)
+    arrived: bool = False  # its worker is done with it (``outcome`` is final)
+    outcome: _Outcome | None = None
     report: SourceReport | None = None
     started_at: float | None = None  # set by the worker when the source is called
 
@@ -695,6 +751,35 @@ class _Outcome:
     skipped: bool
     latency_ms: float
     finished_at: float
+
+
+def _run_in_turn(calls: list[_Call], request: Request, k: int, arrivals: Arrivals) -> None:
+    """A runner's job: the blend's queued calls, one after another, until none is left or the
+    caller has taken the rest back (``Arrivals.stalled``)."""
+    while (i := arrivals.next_turn()) is not None:
+        call = calls[i]
+        lane = call.slot.lane
+        assert lane is not None
+        try:
+            outcome = _run_source(call.slot.source, request, k, call.deadline, call)
+        finally:
+            lane.unclaim()
+        _delivered((call, arrivals, i), outcome, None)
+
+
+def _nothing(_key: object, _result: object, _error: BaseException | None) -> None:
+    """A runner delivers each call's answer itself."""
+
+
+def _delivered(
+    key: tuple[_Call, Arrivals, int], outcome: _Outcome | None, error: BaseException | None
+) -> None:
+    """A blend's call is back from its lane: its outcome is left on the call (None when it
+    raised past ``_run_source``, which only a ``BaseException`` does), then the caller is told."""
+    call, arrivals, token = key
+    call.outcome = outcome
+    call.arrived = True
+    arrivals.arrive(token)
 
 
 def _run_source(

@@ -9,6 +9,7 @@ import pytest
 
 from blender.breaker import CircuitBreaker
 from blender.fanout import Blender, RequiredSourceError, SourceSlot
+from blender.lanes import Arrivals
 from retrieval.types import Request, SourceStatus
 from sources.base import SourceContext
 from tests.toy_sources import CatalogSource, HistoryEcho, ListParams, ListSource
@@ -22,12 +23,16 @@ def slot(source, **kw):
     return SourceSlot(source=source, **kw)
 
 
-@pytest.fixture
-def blenders():
+@pytest.fixture(params=["side by side", "in turn"])
+def blenders(request):
+    """Blenders whose calls run on their own lanes, or take turns on one runner (as when
+    every core is busy): every test holds for both."""
     made = []
 
     def make(slots, **kw):
         b = Blender(slots, **kw)
+        if request.param == "in turn":
+            b._cores = 0
         made.append(b)
         return b
 
@@ -253,3 +258,56 @@ def test_blocklist_file_and_a_missing_one(tmp_path):
     assert sorted(load_blocklist(path).tolist()) == ["-3", "7", "sku-9"]
     with pytest.raises(ValueError, match=r"blend\.blocklist: cannot read"):
         load_blocklist(tmp_path / "nope.txt")
+
+
+def test_blend_returns_when_the_last_answer_lands_not_at_the_deadline(blenders):
+    b = blenders([slot(src("a", [1, 2])), slot(src("b", [3], delay_ms=50))], deadline_ms=5000)
+    for run in (b.blend, lambda r: asyncio.run(b.ablend(r))):
+        t0 = time.monotonic()
+        res = run(Request())
+        assert res.item_ids.tolist() == [1, 3, 2]
+        assert time.monotonic() - t0 < 2.0  # the deadline is 5 s away
+
+
+def test_ablend_stops_waiting_once_the_rest_are_past_their_own_timeout(blenders):
+    b = blenders(
+        [slot(src("fast", [1])), slot(src("slowish", [2], delay_ms=3000), timeout_ms=30)],
+        deadline_ms=5000,
+    )
+    t0 = time.monotonic()
+    res = asyncio.run(b.ablend(Request()))
+    assert res.report("slowish").status is SourceStatus.TIMEOUT
+    assert res.item_ids.tolist() == [1]
+    assert time.monotonic() - t0 < 2.0
+
+
+def test_arrivals_wake_the_caller_only_once_every_call_has_started():
+    arrivals = Arrivals()
+    due = time.monotonic() + 5.0
+    for i in range(3):
+        arrivals.expect(i, due)
+    woke = threading.Event()
+    waiter = threading.Thread(target=lambda: (arrivals.wait(restart=pytest.fail), woke.set()))
+    waiter.start()
+    for i in range(3):
+        arrivals.arrive(i)
+    # Every call is in, but the caller has not said it started them all: no wake yet.
+    assert not woke.wait(0.1)
+    arrivals.fanned_out()
+    arrivals.expect(3, due)  # (a late registration is waited for like the others)
+    assert not woke.wait(0.1)
+    arrivals.arrive(3)
+    assert woke.wait(2.0)
+    waiter.join()
+
+
+def test_arrivals_stop_waiting_when_the_rest_are_past_their_time():
+    arrivals = Arrivals()
+    now = time.monotonic()
+    arrivals.expect(0, now + 0.05)  # never arrives
+    arrivals.expect(1, now + 5.0)
+    arrivals.fanned_out()
+    threading.Timer(0.01, arrivals.arrive, args=(1,)).start()
+    arrivals.wait(restart=pytest.fail)
+    assert time.monotonic() - now < 2.0
+    assert arrivals.until() is None

@@ -65,12 +65,16 @@ def listed(name: str, items: list[Any], **kw: Any) -> ListSource:
     return ListSource(name, ListParams(items=items, **kw), SourceContext())
 
 
-@pytest.fixture
-def blenders():
+@pytest.fixture(params=["side by side", "in turn"])
+def blenders(request: pytest.FixtureRequest) -> Any:
+    """Blenders whose calls run on their own lanes, or take turns on one runner (as when every
+    core is busy): each promise holds for both."""
     made: list[tuple[Blender, list[Hang]]] = []
 
     def make(slots: list[SourceSlot], hangs: tuple[Hang, ...] = (), **kw: Any) -> Blender:
         b = Blender(slots, **kw)
+        if request.param == "in turn":
+            b._cores = 0
         made.append((b, list(hangs)))
         return b
 
@@ -106,6 +110,52 @@ def test_hung_source_never_starves_a_healthy_one(blenders):
     assert statuses[:3] == [SourceStatus.TIMEOUT] * 3
     assert set(statuses[3:]) == {SourceStatus.SHED}
     assert hang.running == 3
+
+
+def test_a_source_hung_in_turn_costs_the_next_at_most_a_quarter_of_its_time():
+    """When every core is busy a blend's calls take turns on one runner; one that hangs there
+    must not take the calls queued behind it down with it."""
+    hang = Hang()
+    b = Blender(
+        [
+            SourceSlot(hang, timeout_ms=100),  # the earliest deadline: it runs first
+            SourceSlot(listed("good", [1, 2, 3])),
+        ],
+        k=10,
+        deadline_ms=800,
+    )
+    b._cores = 0  # as if every core were busy
+    try:
+        t0 = time.monotonic()
+        res = b.blend(Request(user_id=1))
+        took = time.monotonic() - t0
+        assert res.report("hang").status is SourceStatus.TIMEOUT
+        assert res.report("good").status is SourceStatus.OK
+        assert res.item_ids.tolist() == [1, 2, 3]
+        # "good" was taken back a quarter into its 800 ms and answered at once.
+        assert took < 0.6
+    finally:
+        hang.release.set()
+        b.close(timeout_s=2.0)
+
+
+def test_in_turn_calls_share_one_runner_thread_and_side_by_side_ones_do_not(blenders):
+    seen: dict[str, str] = {}
+
+    class Where(ListSource):
+        def retrieve(self, request: Request, k: int, deadline: Deadline) -> Ranked:
+            seen[self.name] = threading.current_thread().name
+            return super().retrieve(request, k, deadline)
+
+    b = blenders(
+        [SourceSlot(Where(n, ListParams(items=[1]), SourceContext())) for n in "abc"],
+        deadline_ms=5000,  # a runner slow to start on a busy machine is not taken for stalled
+    )
+    b.blend(Request())
+    names = set(seen.values())
+    in_turn = b._cores == 0
+    assert len(seen) == 3 and len(names) == (1 if in_turn else 3)
+    assert all(n.startswith("lane-turns" if in_turn else "lane-") for n in names)
 
 
 def test_source_recovers_after_it_stops_hanging(blenders):
