@@ -9,6 +9,7 @@ never exist at once. Serving sums the neighbour lists of the user's recent items
 
 from __future__ import annotations
 
+import itertools
 import math
 import shutil
 from collections.abc import Callable, Iterator
@@ -23,15 +24,16 @@ from pydantic import Field
 from retrieval.artifacts import CSR, save_csr
 from retrieval.types import DEFAULT_EVENT_WEIGHTS, event_weight_vector
 from sources.base import Need, SourceParams, register
-from sources.neighbours import NeighbourParams, NeighbourSource, top_k_per_row
+from sources.neighbours import NeighbourParams, NeighbourSource, concat_releasing, top_k_csr
 
 if TYPE_CHECKING:
     from retrieval.offline.events import EventLog
 
-__all__ = ["CovisitationParams", "CovisitationSource", "count_pairs"]
+__all__ = ["CovisitationParams", "CovisitationSource", "count_pairs", "count_pairs_numpy"]
 
 # Pairs held in memory per partition while reducing; sets how many partitions a build spills to.
 _PAIRS_PER_PARTITION = 60_000_000
+_SPILLED = ("rows", "cols", "vals")  # one file each per partition and chunk
 
 
 class CovisitationParams(NeighbourParams):
@@ -127,13 +129,17 @@ def _sessions(
             # keeps time order inside sessions, several times faster than a three-key lexsort.
             key = (users.astype(np.int64) << 32) | sess
             order = np.argsort(key, kind="stable")
+            del key
         else:
             order = np.lexsort((events.timestamps, sess, users))
         users, sess = users[order], sess[order]
         start[1:] = (users[1:] != users[:-1]) | (sess[1:] != sess[:-1])
+        del users, sess
     else:
         start[1:] = (users[1:] != users[:-1]) | (np.diff(events.timestamps) > gap_s)
-    return order, np.cumsum(start, dtype=np.int64) - 1
+    session = np.cumsum(start, dtype=np.int64)
+    session -= 1
+    return order, session
 
 
 def _partition_bounds(
@@ -174,16 +180,44 @@ def count_pairs(
 
     A pair a -> b weighs what happened to b (a cart after a view counts more than a view after
     a cart), times the time decay of b's event: simple to explain, and "forward" then reads as
-    "what people went on to do after a".
+    "what people went on to do after a". The pairs come from a compiled loop
+    (``retrieval.build_kernels.session_pairs``); ``count_pairs_numpy`` is its reference.
     """
+    from retrieval.build_kernels import session_pairs  # builds only: not at serving
+
+    half_life = _half_life_s(params)
+    decay = (
+        np.empty(0, np.float64)
+        if half_life is None
+        else np.exp2(-(t_max - np.asarray(stamps, np.float64)) / half_life)
+    )
+    src, dst, vals = session_pairs(
+        np.ascontiguousarray(items, np.int32),
+        np.ascontiguousarray(session, np.int64),
+        np.ascontiguousarray(weight, np.float64),
+        decay,
+        params.window,
+        params.distance_weight == "inverse",
+        params.direction == "symmetric",
+    )
+    return _packed_sums(src, dst, vals, n_items)
+
+
+def count_pairs_numpy(
+    items: npt.NDArray[np.int32],
+    session: npt.NDArray[np.int64],
+    weight: npt.NDArray[np.float64],
+    stamps: npt.NDArray[np.float64],
+    n_items: int,
+    params: CovisitationParams,
+    t_max: float,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """``count_pairs`` in numpy, one distance at a time: the reference the compiled loop is
+    checked against (``tests/test_kernels.py``)."""
     src: list[npt.NDArray[np.int32]] = []
     dst: list[npt.NDArray[np.int32]] = []
     vals: list[npt.NDArray[np.float64]] = []
-    half_life = (
-        None
-        if params.time_decay_half_life_days is None
-        else params.time_decay_half_life_days * 86_400.0
-    )
+    half_life = _half_life_s(params)
     for d in range(1, params.window + 1):
         if d >= items.size:
             break
@@ -201,9 +235,24 @@ def count_pairs(
             vals.append(weight[i] * decay)
     if not src:
         return np.empty(0, np.int64), np.empty(0, np.float64)
-    indptr, cols, summed = _sum_pairs(
-        np.concatenate(src), np.concatenate(dst), np.concatenate(vals), n_items, n_items
-    )
+    return _packed_sums(np.concatenate(src), np.concatenate(dst), np.concatenate(vals), n_items)
+
+
+def _half_life_s(params: CovisitationParams) -> float | None:
+    days = params.time_decay_half_life_days
+    return None if days is None else days * 86_400.0
+
+
+def _packed_sums(
+    src: npt.NDArray[np.int32],
+    dst: npt.NDArray[np.int32],
+    vals: npt.NDArray[np.float64],
+    n_items: int,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    if not src.size:
+        return np.empty(0, np.int64), np.empty(0, np.float64)
+    indptr, cols, summed = _sum_pairs(src, dst, vals, n_items, n_items)
+    del src, dst, vals
     rows = np.repeat(np.arange(n_items, dtype=np.int64), np.diff(indptr))
     return rows * n_items + cols, summed
 
@@ -239,11 +288,14 @@ def build_covisitation(
     """Each item's top co-visited items within sessions, as a CSR, and the build's counts."""
     n_items = len(events.item_ids)
     order, session = _sessions(events, params.session_gap_s)
-    items, stamps = events.items, events.timestamps
-    weight = event_weight_vector(events, params.event_weights)
+    t_max = float(events.timestamps.max()) if len(events) else 0.0
+    # Event times matter only to the time decay: without it they are not copied at all.
+    stamps = events.timestamps if _half_life_s(params) is not None else np.empty(0, np.float64)
+    items, weight = events.items, event_weight_vector(events, params.event_weights)
     if order is not None:
-        items, stamps, weight = items[order], stamps[order], weight[order]
-    t_max = float(stamps.max()) if stamps.size else 0.0
+        items, weight = items[order], weight[order]
+        stamps = stamps[order] if stamps.size else stamps
+    del order  # 8 bytes an event: gone before the pairs are counted
     per_event = params.window * (2 if params.direction == "symmetric" else 1)
     n_parts = max(1, math.ceil(len(events) * per_event / _PAIRS_PER_PARTITION))
     bounds = _partition_bounds(items, n_items, n_parts)
@@ -260,33 +312,35 @@ def build_covisitation(
             for p in range(n_parts):
                 a, b = cuts[p], cuts[p + 1]
                 if b > a:
-                    np.save(spill_dir / f"p{p}-c{c}.keys.npy", keys[a:b])
-                    np.save(spill_dir / f"p{p}-c{c}.vals.npy", vals[a:b])
+                    # Rows (from the partition's first item) and columns as int32: the reduce
+                    # then sums them as they are, with no 8-byte division temporaries.
+                    rows = (keys[a:b] // n_items - bounds[p]).astype(np.int32)
+                    cols = (keys[a:b] % n_items).astype(np.int32)
+                    for name, column in zip(_SPILLED, (rows, cols, vals[a:b]), strict=True):
+                        np.save(spill_dir / f"p{p}-c{c}.{name}.npy", column)
+            del keys, vals
             n_chunks = c + 1
             if progress is not None:
                 progress(hi)
         indptr_parts, index_parts, score_parts = [], [], []
         for p in range(n_parts):
-            key_files = sorted(spill_dir.glob(f"p{p}-c*.keys.npy"))
-            lo_item, hi_item = int(bounds[p]), int(bounds[p + 1])
-            if key_files:
-                keys = np.concatenate([np.load(f) for f in key_files])
-                vals = np.concatenate(
-                    [np.load(str(f).replace(".keys.", ".vals.")) for f in key_files]
-                )
-                for f in key_files:
+            files = sorted(spill_dir.glob(f"p{p}-c*.rows.npy"))
+            n_rows = int(bounds[p + 1] - bounds[p])
+            if files:
+                spilled = [
+                    [Path(str(f).replace(".rows.", f".{n}.")) for f in files] for n in _SPILLED
+                ]
+                rows, cols, vals = (np.concatenate([np.load(f) for f in fs]) for fs in spilled)
+                for f in itertools.chain.from_iterable(spilled):
                     f.unlink()
-                    Path(str(f).replace(".keys.", ".vals.")).unlink()
-                part_ptr, cols, vals = _sum_pairs(
-                    keys // n_items - lo_item, keys % n_items, vals, hi_item - lo_item, n_items
-                )
-                del keys
-                rows = np.repeat(np.arange(hi_item - lo_item, dtype=np.int64), np.diff(part_ptr))
+                part_ptr, cols, vals = _sum_pairs(rows, cols, vals, n_rows, n_items)
+                del rows
             else:
-                rows = np.empty(0, np.int64)
+                part_ptr = np.zeros(n_rows + 1, np.int64)
                 cols, vals = np.empty(0, np.int32), np.empty(0, np.float64)
             keep = n_items if params.top_k is None else params.top_k
-            part = top_k_per_row(rows, cols, vals, hi_item - lo_item, keep)
+            part = top_k_csr(part_ptr, cols, vals, keep)
+            del cols, vals
             indptr_parts.append(part.indptr[1:])
             index_parts.append(part.indices)
             score_parts.append(part.scores)
@@ -295,7 +349,11 @@ def build_covisitation(
     lengths = np.concatenate([np.diff(np.r_[0, ip]) for ip in indptr_parts])
     indptr = np.zeros(n_items + 1, dtype=np.int64)
     np.cumsum(lengths, out=indptr[1:])
-    csr = CSR(indptr, np.concatenate(index_parts), np.concatenate(score_parts))
+    csr = CSR(
+        indptr,
+        concat_releasing(index_parts, np.int32),
+        concat_releasing(score_parts, np.float32),
+    )
     stats = {
         "pairs_counted": pairs_counted,
         "nnz": csr.nnz,

@@ -27,7 +27,7 @@ from pydantic import Field
 from retrieval.artifacts import CSR, save_csr
 from retrieval.types import DEFAULT_EVENT_WEIGHTS, event_weight_vector
 from sources.base import Need, SourceParams, register
-from sources.neighbours import NeighbourParams, NeighbourSource, top_k_per_row
+from sources.neighbours import NeighbourParams, NeighbourSource, concat_releasing, top_k_csr
 
 if TYPE_CHECKING:
     from retrieval.offline.events import EventLog
@@ -103,11 +103,16 @@ def user_item_matrix(
 ) -> sp.csr_matrix:
     """Users x items, each cell the summed weight of that user's events on that item (only
     the ``max_user_items`` most recently touched items of each user)."""
-    if max_user_items is not None:
-        events = events.subset(recent_items_mask(events, max_user_items))
     w = event_weight_vector(events, event_weights).astype(np.float32)
+    users, items = events.users, events.items
+    if max_user_items is not None:
+        # Only the three columns the matrix reads, not a copy of the whole log.
+        keep = recent_items_mask(events, max_user_items)
+        if not keep.all():
+            w, users, items = w[keep], users[keep], items[keep]
+        del keep
     m = sp.csr_matrix(
-        (w, (events.users, events.items)),
+        (w, (users, items)),
         shape=(len(events.user_ids), len(events.item_ids)),
         dtype=np.float32,
     )
@@ -186,9 +191,8 @@ def blockwise_similarity(
     blocks = [(a, b) for a, b in itertools.pairwise(edges) if b > a]
     for done, (lo, hi) in enumerate(blocks, 1):
         s = sp_matmul_topn(wt[lo:hi], w, top_n=k, threshold=0.0, n_threads=threads)
-        rows = np.repeat(np.arange(hi - lo, dtype=np.int64), np.diff(s.indptr))
-        part = top_k_per_row(rows, s.indices, s.data, hi - lo, k)
-        del s, rows
+        part = top_k_csr(s.indptr, s.indices, s.data, k)
+        del s
         lengths[lo:hi] = np.diff(part.indptr)
         index_parts.append(part.indices)
         score_parts.append(part.scores)
@@ -196,7 +200,11 @@ def blockwise_similarity(
             progress(done / len(blocks))
     indptr = np.zeros(n_items + 1, dtype=np.int64)
     np.cumsum(lengths, out=indptr[1:])
-    return CSR(indptr, np.concatenate(index_parts), np.concatenate(score_parts))
+    return CSR(
+        indptr,
+        concat_releasing(index_parts, np.int32),
+        concat_releasing(score_parts, np.float32),
+    )
 
 
 @register("itemcf")
@@ -221,6 +229,8 @@ class ItemCFSource(NeighbourSource[ItemCFParams]):
         if progress is not None:
             progress(len(events) // 2)
         w = weighted_matrix(matrix, params.model, params.bm25_k1, params.bm25_b)
+        users, interactions = int(matrix.shape[0]), int(matrix.nnz)
+        del matrix  # W is a weighted copy: the raw counts need not sit beside the product
         half = len(events) // 2
 
         def blocks_done(fraction: float) -> None:
@@ -231,7 +241,7 @@ class ItemCFSource(NeighbourSource[ItemCFParams]):
         save_csr(out_dir, csr)
         return {
             "model": params.model,
-            "users": int(matrix.shape[0]),
-            "interactions": int(matrix.nnz),
+            "users": users,
+            "interactions": interactions,
             "nnz": csr.nnz,
         }

@@ -39,10 +39,13 @@ __all__ = [
     "RowReader",
     "aggregate",
     "aggregate_numpy",
+    "concat_releasing",
     "first_hop",
     "gather_csr",
     "neighbourhood",
+    "top_k_csr",
     "top_k_per_row",
+    "top_k_per_row_numpy",
 ]
 
 # Below this many ms left, read only the few most important history items.
@@ -290,14 +293,69 @@ def top_k_per_row(
 ) -> CSR:
     """A CSR keeping each row's ``k`` largest values, sorted descending (ties: smaller column).
 
-    One stable sort of a packed ``(row, descending float32 score)`` key instead of a three-key
-    lexsort, which was the slowest step of item-CF's build at 1M items. Both builders pass
-    entries already in (row, column) order, so the pre-sort that sends ties to the smaller
-    column is then skipped.
+    Both builders pass entries grouped by ascending row, with positive scores: each row is then
+    sorted on its own by a compiled kernel (``retrieval.build_kernels``) that allocates only
+    the output. Anything else goes the numpy way (``top_k_per_row_numpy``): one stable sort of
+    a packed ``(row, descending float32 score)`` key, about 46 bytes per entry at once.
     """
     rows = np.asarray(row_ids, dtype=np.int64)
     cols = np.asarray(col_ids)
     vals = np.asarray(values, dtype=np.float32)  # ranked as stored, so stored ties stay by column
+    if cols.dtype == np.int32 and k > 0 and not np.signbit(vals).any():
+        from retrieval.build_kernels import row_pointers  # builds only: not at serving
+
+        indptr = row_pointers(rows, n_rows)
+        if indptr is not None:
+            return top_k_csr(indptr, cols, vals, k)
+    return top_k_per_row_numpy(rows, cols, vals, n_rows, k)
+
+
+def top_k_csr(
+    indptr: npt.NDArray[np.int64], cols: npt.ArrayLike, values: npt.ArrayLike, k: int
+) -> CSR:
+    """``top_k_per_row`` for entries already in CSR rows (columns in any order within a row):
+    no per-entry row array is made. Compiled (``retrieval.build_kernels``) for positive
+    scores."""
+    from retrieval.build_kernels import top_k_csr as kernel  # builds only: not at serving
+
+    vals = np.asarray(values, dtype=np.float32)
+    ptr = np.asarray(indptr, dtype=np.int64)
+    if k <= 0 or np.signbit(vals).any():
+        rows = np.repeat(np.arange(ptr.size - 1, dtype=np.int64), np.diff(ptr))
+        return top_k_per_row_numpy(rows, cols, vals, ptr.size - 1, k)
+    return CSR(*kernel(ptr, np.asarray(cols, dtype=np.int32), vals, k))
+
+
+def concat_releasing(parts: list[npt.NDArray[Any]], dtype: npt.DTypeLike) -> npt.NDArray[Any]:
+    """``np.concatenate(parts)`` that empties ``parts`` as it copies them.
+
+    The output's pages are touched only as each part is copied in, and each part is freed right
+    after, so the two together never hold much more than one copy: a builder's neighbour lists
+    at 10M items are gigabytes, and a plain concatenate held them twice.
+    """
+    out = np.empty(sum(part.size for part in parts), dtype=dtype)
+    at = 0
+    parts.reverse()
+    while parts:
+        part = parts.pop()
+        out[at : at + part.size] = part
+        at += part.size
+        del part
+    return out
+
+
+def top_k_per_row_numpy(
+    row_ids: npt.ArrayLike,
+    col_ids: npt.ArrayLike,
+    values: npt.ArrayLike,
+    n_rows: int,
+    k: int,
+) -> CSR:
+    """``top_k_per_row`` in numpy: the reference the compiled kernel is checked against, and
+    the path for entries out of (row, column) order."""
+    rows = np.asarray(row_ids, dtype=np.int64)
+    cols = np.asarray(col_ids)
+    vals = np.asarray(values, dtype=np.float32)
     by_col = (rows << 32) | cols.astype(np.int64)
     if by_col.size > 1 and bool(np.any(by_col[1:] < by_col[:-1])):
         order = np.argsort(by_col, kind="stable")

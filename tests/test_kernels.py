@@ -304,3 +304,75 @@ def test_load_warms_up_with_whole_blends_that_the_breakers_then_forget(built):
         res = r.blend(history=[1, 2, 3])
         assert res.report("broken").status.value == "error"
         assert res.report("covisit").status.value == "ok"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_builders_top_k_kernel_equals_the_numpy_reference(seed):
+    rng = np.random.default_rng(seed)
+    n_rows, n = 300, 20_000
+    rows = np.sort(rng.integers(0, n_rows, n)).astype(np.int64)
+    cols = rng.integers(0, 5_000, n).astype(np.int32)
+    # (row, column) order with unique pairs, as both builders pass them
+    key = np.unique((rows << 32) | cols.astype(np.int64))
+    rows, cols = key >> 32, (key & 0xFFFFFFFF).astype(np.int32)
+    # coarse scores, so ties (broken by the smaller column) are common
+    vals = (rng.integers(1, 40, rows.size) / 8).astype(np.float32)
+    for k in (1, 7, 100, 10_000):
+        got = top_k_per_row(rows, cols, vals, n_rows, k)
+        want = neighbours.top_k_per_row_numpy(rows, cols, vals, n_rows, k)
+        assert np.array_equal(got.indptr, want.indptr)
+        assert np.array_equal(got.indices, want.indices)
+        assert got.scores.tobytes() == want.scores.tobytes()
+
+
+def test_the_builders_top_k_falls_back_to_numpy_out_of_order():
+    from retrieval.build_kernels import row_pointers
+
+    rows = np.array([0, 0, 1, 0], np.int64)
+    cols = np.array([1, 2, 0, 3], np.int32)
+    vals = np.array([0.5, 0.9, 0.1, 0.7], np.float32)
+    assert row_pointers(rows, 2) is None  # row 0 comes back after row 1
+    got = top_k_per_row(rows, cols, vals, 2, 2)
+    assert got.indices.tolist() == [2, 3, 0] and got.indptr.tolist() == [0, 2, 3]
+
+
+def test_the_builders_top_k_kernel_puts_a_row_in_column_order_for_ties():
+    """sparse_dot_topn returns each row's columns in no particular order."""
+    rng = np.random.default_rng(7)
+    rows = np.repeat(np.arange(50, dtype=np.int64), 40)
+    cols = np.concatenate([rng.permutation(1000)[:40] for _ in range(50)]).astype(np.int32)
+    vals = (rng.integers(1, 6, rows.size) / 4).astype(np.float32)
+    got = top_k_per_row(rows, cols, vals, 60, 9)
+    want = neighbours.top_k_per_row_numpy(rows, cols, vals, 60, 9)
+    assert np.array_equal(got.indptr, want.indptr)
+    assert np.array_equal(got.indices, want.indices)
+    assert got.scores.tobytes() == want.scores.tobytes()
+
+
+@pytest.mark.parametrize("window", [1, 3, 10])
+@pytest.mark.parametrize("distance_weight", ["inverse", "constant"])
+@pytest.mark.parametrize("direction", ["symmetric", "forward"])
+@pytest.mark.parametrize("half_life_days", [None, 7.0])
+def test_compiled_pair_counting_equals_the_numpy_reference(
+    window, distance_weight, direction, half_life_days
+):
+    from sources.covisitation import CovisitationParams, count_pairs, count_pairs_numpy
+
+    rng = np.random.default_rng(window)
+    n, n_items = 5_000, 300
+    items = rng.integers(0, n_items, n).astype(np.int32)  # repeats: same-item pairs are dropped
+    session = np.cumsum(rng.random(n) < 0.15).astype(np.int64)
+    weight = rng.choice([1.0, 2.0, 0.37], n)
+    stamps = np.sort(rng.random(n) * 90 * 86_400)
+    params = CovisitationParams(
+        window=window,
+        distance_weight=distance_weight,
+        direction=direction,
+        time_decay_half_life_days=half_life_days,
+    )
+    t_max = float(stamps.max())
+    keys, vals = count_pairs(items, session, weight, stamps, n_items, params, t_max)
+    want_keys, want_vals = count_pairs_numpy(items, session, weight, stamps, n_items, params, t_max)
+    assert keys.size > 0
+    assert np.array_equal(keys, want_keys)
+    assert vals.tobytes() == want_vals.tobytes()

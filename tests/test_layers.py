@@ -24,6 +24,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
             "retrieval.redact",
             "retrieval.version",
             "retrieval.kernels",
+            "retrieval.build_kernels",
             "retrieval.metrics",
         ),
     ),
