@@ -483,13 +483,13 @@ class Blender:
             except RuntimeError:  # closing: the calls are claimed, so their lanes still run them
                 started = False
             if not started:
-                self._restart(ctx, arrivals.stalled(force=True))
+                self._start_on_lanes(ctx, arrivals.stalled(force=True))
         else:
-            self._restart(ctx, claimed)
+            self._start_on_lanes(ctx, claimed)
         arrivals.fanned_out()
 
     @staticmethod
-    def _restart(ctx: BlendContext, tokens: list[int]) -> None:
+    def _start_on_lanes(ctx: BlendContext, tokens: list[int]) -> None:
         """Start these claimed calls each on its own source's lane."""
         assert ctx.arrivals is not None
         for i in tokens:
@@ -506,7 +506,7 @@ class Blender:
     def _wait(self, ctx: BlendContext) -> None:
         """Block until every call has answered or its own deadline has passed."""
         assert ctx.arrivals is not None
-        ctx.arrivals.wait(lambda stalled: self._restart(ctx, stalled))
+        ctx.arrivals.wait(lambda stalled: self._start_on_lanes(ctx, stalled))
 
     async def _await(self, ctx: BlendContext, arrived: asyncio.Event) -> None:
         """``_wait`` for asyncio: the same rule, without blocking the loop."""
@@ -517,7 +517,7 @@ class Blender:
                 await asyncio.wait_for(arrived.wait(), until - time.monotonic())
             arrived.clear()
             if stalled := arrivals.stalled():
-                self._restart(ctx, stalled)
+                self._start_on_lanes(ctx, stalled)
 
     def _collect(self, ctx: BlendContext) -> None:
         """Each call's answer, checked here on the caller's thread, or its report."""

@@ -7,9 +7,10 @@ call is *shed* at once (reported, never queued), and the threads are daemons, so
 never returns cannot hold the interpreter at exit. ``close`` waits for the calls in flight, so a
 source is never closed under a running query.
 
-The blend's own calls skip ``concurrent.futures``: ``try_start`` hands a call's answer to a
-function that leaves it where the caller looks and tells an :class:`Arrivals`, which wakes the
-waiting caller once, when the last answer is in. A future per call would wake the caller once
+The blend's own calls skip ``concurrent.futures``: a call claimed with ``try_claim`` and started
+with ``start_claimed`` (or ``try_start``) hands its answer to a function that leaves it where the
+caller looks and tells an :class:`Arrivals`, which wakes the waiting caller once, when the last
+answer is in. A future per call would wake the caller once
 per source; each wake is a round trip on the GIL, and at two request threads those round trips,
 not the sources, capped throughput.
 """
@@ -65,9 +66,8 @@ class Lane:
     def try_submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future[Any] | None:
         """Start ``fn(*args)`` now on an idle thread, or return None when ``cap`` calls run."""
         fut: cf.Future[Any] = cf.Future()
-        return (
-            fut if self._enqueue((_unless_cancelled, (fut, fn, args), _settle, fut), True) else None
-        )
+        started = self._enqueue((_unless_cancelled, (fut, fn, args), _settle, fut), shed=True)
+        return fut if started else None
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> cf.Future[Any]:
         """Run ``fn(*args)``, queueing behind the calls in flight when the lane is full."""
@@ -79,12 +79,7 @@ class Lane:
         """Count one more call in flight, or return False when ``cap`` calls run: the call is
         then run either by ``start_claimed`` or by the caller's own runner, which must
         ``unclaim`` when it is done (``close`` waits for claimed calls too)."""
-        with self._lock:
-            self._check_open()
-            if self._in_flight >= self.cap:
-                return False
-            self._in_flight += 1
-            return True
+        return self._claim(shed=True)
 
     def unclaim(self) -> None:
         """A claimed call is over."""
@@ -100,13 +95,19 @@ class Lane:
         self._put((fn, args, deliver, key))
 
     def _enqueue(self, job: _Job, shed: bool) -> bool:
+        if not self._claim(shed):
+            return False
+        self._put(job)
+        return True
+
+    def _claim(self, shed: bool) -> bool:
         with self._lock:
-            self._check_open()
+            if self._closed:
+                raise ClosedError(f"source lane {self.name!r} is closed: the retriever was closed")
             if shed and self._in_flight >= self.cap:
                 return False
             self._in_flight += 1
-        self._put(job)
-        return True
+            return True
 
     def _put(self, job: _Job) -> None:
         with self._lock:
@@ -119,10 +120,6 @@ class Lane:
                 self._threads.append(t)
                 t.start()
         self._jobs.put(job)
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise ClosedError(f"source lane {self.name!r} is closed: the retriever was closed")
 
     def _work(self) -> None:
         while True:

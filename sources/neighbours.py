@@ -302,11 +302,12 @@ def top_k_per_row(
     cols = np.asarray(col_ids)
     vals = np.asarray(values, dtype=np.float32)  # ranked as stored, so stored ties stay by column
     if cols.dtype == np.int32 and k > 0 and not np.signbit(vals).any():
-        from retrieval.build_kernels import row_pointers  # builds only: not at serving
+        from retrieval.build_kernels import row_pointers  # builds only
+        from retrieval.build_kernels import top_k_csr as kernel
 
         indptr = row_pointers(rows, n_rows)
         if indptr is not None:
-            return top_k_csr(indptr, cols, vals, k)
+            return CSR(*kernel(indptr, cols, vals, k))
     return top_k_per_row_numpy(rows, cols, vals, n_rows, k)
 
 
