@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,20 @@ def test_segments_pick_a_list_and_unknown_values_fall_back(shop, tmp_path):
     glob = get(source)[0]
     assert get(source, context={"country": "nowhere"})[0] == glob
     assert get(source, user_id="never-seen", context={"city": "x"})[0] == glob
+
+
+def test_events_without_a_segment_code_count_only_globally(shop, tmp_path):
+    """A log built by hand may mark "no value" with code -1 (``read_events`` maps nulls to "")."""
+    codes = shop.segments["country"].copy()
+    fr = int(np.flatnonzero(shop.segment_values["country"] == "fr")[0])
+    codes[codes == fr] = -1
+    events = dataclasses.replace(shop, segments={"country": codes})
+    root, p = build(tmp_path, events, segments=["country"])
+    source = open_source(root, p)
+    glob = get(source)[0]
+    assert glob[:2] == ["fr_hit", "mid"]  # the fr events still count in the global list
+    assert get(source, context={"country": "fr"})[0] == glob  # an empty fr list: all backfill
+    assert get(source, context={"country": "de"})[0][:3] == ["mid", "de_hit", "new"]
 
 
 def test_trending_ranks_a_rising_item_above_a_steady_one(tmp_path):
