@@ -376,3 +376,51 @@ def test_compiled_pair_counting_equals_the_numpy_reference(
     assert keys.size > 0
     assert np.array_equal(keys, want_keys)
     assert vals.tobytes() == want_vals.tobytes()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_kernels_top_k_equals_the_numpy_reference_under_ties_and_repeats(seed):
+    """Ties come in short runs (sorted in place) and long ones (sorted by id); repeated ids keep
+    their positions' order."""
+    from sources.history import top_k_order
+
+    rng = np.random.default_rng(seed)
+    for _ in range(40):
+        n = int(rng.integers(1, 3000))
+        levels = int(rng.choice([2, 20, 400, 10**9]))
+        scores = rng.integers(0, levels, n).astype(np.float64) / levels
+        ids = rng.integers(0, int(rng.choice([n // 4 + 1, 10**12])), n).astype(np.int64)
+        for k in (1, 10, n // 2 + 1, n, n + 5):
+            got = kernels._top_k(ids, scores, k)
+            want = top_k_order(scores, ids, k)
+            assert got.tolist() == want.tolist(), (n, levels, k)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_first_seen_codes_equal_arrows_dictionary_indices(seed):
+    """Session codes from the compiled table: the indices Arrow's dictionary_encode gives, over
+    several chunks, with nulls (-1), negative and huge ids, and the table growing."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from retrieval.build_kernels import FirstSeenCodes
+
+    rng = np.random.default_rng(seed)
+    chunks = []
+    for _ in range(int(rng.integers(1, 6))):
+        n = int(rng.integers(0, 60_000))
+        span = 10 ** int(rng.integers(1, 18))
+        values = rng.integers(-span, span, n)
+        chunks.append(pa.array(values, mask=rng.random(n) < 0.1 if seed % 2 else None))
+    column = pa.chunked_array(chunks, type=pa.int64())
+    encoded = pc.dictionary_encode(column)
+    want = [c.indices.fill_null(-1).to_numpy().astype(np.int64) for c in encoded.chunks]
+    table, got = FirstSeenCodes(), []
+    for chunk in column.chunks:
+        out = np.empty(len(chunk), np.int64)
+        valid = pc.is_valid(chunk).to_numpy(zero_copy_only=False) if chunk.null_count else None
+        table.encode(pc.fill_null(chunk, 0).to_numpy(), valid, out)
+        got.append(out)
+    assert np.concatenate(got or [np.empty(0, np.int64)]).tolist() == (
+        np.concatenate(want or [np.empty(0, np.int64)]).tolist()
+    )
