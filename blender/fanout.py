@@ -606,8 +606,9 @@ class Blender:
         assert slate is not None
         ranks = slate.ranks
         reports = tuple(c.report for c in ctx.calls if c.report is not None)
+        survived = np.count_nonzero(ranks >= 0, axis=0).tolist() if ranks.size else []
         for j, rep in enumerate(reports):
-            rep.survived = int(np.count_nonzero(ranks[:, j] >= 0)) if ranks.size else 0
+            rep.survived = survived[j] if survived else 0
         return CandidateSet(
             item_ids=slate.item_ids,
             scores=slate.scores,
@@ -830,10 +831,15 @@ def checked_answer(answer: Any, k: int) -> Ranked:
     if scores.dtype.kind not in "fiu":
         raise SourceError(f"returned scores of dtype {scores.dtype}; expected numbers")
     scores = scores.astype(np.float32, copy=False)
-    if not np.isfinite(scores).all():
-        bad = int(np.flatnonzero(~np.isfinite(scores))[0])
+    if ids.dtype == np.int64:  # one compiled pass for both checks
+        bad, repeats = kernels.check_ranked(ids, scores)
+    else:
+        finite = np.isfinite(scores)
+        bad = -1 if finite.all() else int(np.flatnonzero(~finite)[0])
+        repeats = ids.size > 1 and _has_repeats(ids)
+    if bad >= 0:
         raise SourceError(f"returned a non-finite score ({scores[bad]}) at rank {bad}")
-    if ids.size > 1 and _has_repeats(ids):  # keep each id at its first (best) rank
+    if repeats:  # keep each id at its first (best) rank
         _, first = np.unique(ids, return_index=True)
         keep = np.sort(first)
         ids, scores = ids[keep], scores[keep]
@@ -841,9 +847,7 @@ def checked_answer(answer: Any, k: int) -> Ranked:
 
 
 def _has_repeats(ids: npt.NDArray[Any]) -> bool:
-    """One hashing pass for int ids (compiled); a plain sort for strings (a third of
-    ``np.unique``'s cost)."""
-    if ids.dtype == np.int64:
-        return kernels.has_repeats(ids)
+    """For string ids (int ids are checked by ``kernels.check_ranked``): a plain sort, a third
+    of ``np.unique``'s cost."""
     ordered = np.sort(ids)
     return bool((ordered[1:] == ordered[:-1]).any())

@@ -33,7 +33,17 @@ import numba as nb
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Scratch", "first_hop", "has_repeats", "merge_sum", "scratch", "second_hop"]
+__all__ = [
+    "Scratch",
+    "check_ranked",
+    "first_hop",
+    "gather_ids",
+    "lookup_sorted",
+    "merge_sum",
+    "scratch",
+    "second_hop",
+    "sum_unique",
+]
 
 _JIT: dict[str, Any] = {"nogil": True, "cache": True, "error_model": "numpy"}
 _GOLD = np.uint64(0x9E3779B97F4A7C15)  # Fibonacci hashing: the high bits of x * 2^64 / phi
@@ -432,24 +442,96 @@ def merge_sum(
     return uniq, scores, ranks, int(filtered)
 
 
-@nb.njit(nb.types.Tuple((nb.int64, nb.boolean))(_ro_i64, *_TABLE), **_JIT)
-def _has_repeats(ids, keys, sums, stamp, order, gen):
+@nb.njit(nb.types.Tuple((nb.int64, nb.int64, nb.boolean))(_ro_i64, _ro_f32, *_TABLE), **_JIT)
+def _check_ranked(ids, scores, keys, sums, stamp, order, gen):
     n = ids.shape[0]
+    for j in range(n):
+        if not np.isfinite(scores[j]):
+            return 0, j, False
     if 2 * n > keys.shape[0]:
-        return n, False
+        return n, -1, False
     g = gen[0] + 1
     gen[0] = g
     mask = keys.shape[0] - 1
     for j in range(n):
         i = _slot(keys, stamp, g, mask, ids[j])
         if stamp[i] == g:
-            return 0, True
+            return 0, -1, True
         stamp[i] = g
         keys[i] = ids[j]
-    return 0, False
+    return 0, -1, False
 
 
-def has_repeats(ids: npt.NDArray[np.int64]) -> bool:
-    """Whether an id occurs twice (one hashing pass; no sort)."""
-    (found,) = _on_table(_has_repeats, ids)
-    return bool(found)
+def check_ranked(ids: npt.NDArray[np.int64], scores: npt.NDArray[np.float32]) -> tuple[int, bool]:
+    """A source's answer in one pass: the first non-finite score's position (-1: none), and
+    whether an id occurs twice (checked only when every score is finite)."""
+    bad, repeats = _on_table(_check_ranked, np.ascontiguousarray(ids), np.ascontiguousarray(scores))
+    return int(bad), bool(repeats)
+
+
+@nb.njit(nb.types.Tuple((_i64, _f64))(_ro_i64, _ro_f64), **_JIT)
+def _sum_unique(ids, weights):
+    n = ids.shape[0]
+    order = np.argsort(ids)
+    group = np.empty(n, np.int64)
+    uniq = np.empty(n, np.int64)
+    m = -1
+    for j in range(n):
+        i = order[j]
+        if m < 0 or ids[i] != uniq[m]:
+            m += 1
+            uniq[m] = ids[i]
+        group[i] = m
+    sums = np.zeros(m + 1, np.float64)
+    for i in range(n):  # in input order, as np.bincount adds
+        sums[group[i]] += weights[i]
+    return uniq[: m + 1].copy(), sums
+
+
+def sum_unique(
+    ids: npt.NDArray[np.int64], weights: npt.NDArray[np.float64]
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float64]]:
+    """``sources.history.sum_by_id`` for int64 ids in one call: sorted distinct ids, and each
+    one's sum of ``weights`` added in input order (the same bits)."""
+    return _sum_unique(
+        np.ascontiguousarray(ids, np.int64), np.ascontiguousarray(weights, np.float64)
+    )
+
+
+@nb.njit(_i32(_ro_i64, _ro_i64, nb.int32), **_JIT)
+def _lookup_sorted(values, keys, missing):
+    n = values.shape[0]
+    out = np.empty(keys.shape[0], np.int32)
+    for j in range(keys.shape[0]):
+        p = np.searchsorted(values, keys[j])
+        out[j] = p if p < n and values[p] == keys[j] else missing
+    return out
+
+
+def lookup_sorted(
+    values: npt.NDArray[np.int64], keys: npt.NDArray[np.int64], missing: int
+) -> npt.NDArray[np.int32]:
+    """Each key's position in the sorted ``values`` (``missing`` when absent): an int
+    ``IdMap.to_dense`` in one call instead of seven numpy calls."""
+    return _lookup_sorted(values, np.ascontiguousarray(keys, np.int64), np.int32(missing))
+
+
+@nb.njit(nb.types.Tuple((nb.int64, _i64))(_ro_i64, _ro_i32), **_JIT)
+def _gather_ids(values, dense):
+    n = values.shape[0]
+    out = np.empty(dense.shape[0], np.int64)
+    for j in range(dense.shape[0]):
+        d = dense[j]
+        if d < 0 or d >= n:
+            return j, out[:0]
+        out[j] = values[d]
+    return -1, out
+
+
+def gather_ids(
+    values: npt.NDArray[np.int64], dense: npt.NDArray[np.int32]
+) -> tuple[int, npt.NDArray[np.int64]]:
+    """``values[dense]`` and -1, or the first out-of-range position and nothing: an int
+    ``IdMap.to_external`` in one call."""
+    bad, out = _gather_ids(values, np.ascontiguousarray(dense, np.int32))
+    return int(bad), out

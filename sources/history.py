@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from retrieval import kernels
 from retrieval.ids import lookup_ids
 from retrieval.types import Request
 
@@ -125,7 +126,7 @@ def weighted_history(
     if not request.seed_items and not n:
         return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
     if not request.seed_items and request.history_ids.dtype == np.int64:
-        uniq, summed = sum_by_id(request.history_ids[len(request.history) - n :], weights)
+        uniq, summed = kernels.sum_unique(request.history_ids[len(request.history) - n :], weights)
         return uniq, summed.astype(np.float32)
     ids: list[Any] = list(request.seed_items) + list(hist)
     all_w = np.concatenate([np.ones(len(request.seed_items)), weights])

@@ -177,14 +177,27 @@ def test_kernels_give_each_thread_its_own_scratch():
     assert failures == []
 
 
-def test_repeats_are_found_by_hashing_like_by_sorting():
+def numpy_check_ranked(ids: np.ndarray, scores: np.ndarray) -> tuple[int, bool]:
+    finite = np.isfinite(scores)
+    if not finite.all():
+        return int(np.flatnonzero(~finite)[0]), False
+    ordered = np.sort(ids)
+    return -1, bool((ordered[1:] == ordered[:-1]).any())
+
+
+def test_answers_are_checked_by_hashing_like_by_sorting():
     rng = np.random.default_rng(2)
-    for _ in range(200):
-        ids = rng.integers(-(2**62), 2**62, int(rng.integers(2, 3000)), dtype=np.int64)
-        if rng.random() < 0.5:
-            ids[int(rng.integers(1, ids.size))] = ids[int(rng.integers(0, ids.size))]
-        ordered = np.sort(ids)
-        assert kernels.has_repeats(ids) == bool((ordered[1:] == ordered[:-1]).any())
+    for _ in range(300):
+        n = int(rng.integers(0, 3000))
+        ids = rng.integers(-(2**62), 2**62, n, dtype=np.int64)
+        scores = rng.random(n).astype(np.float32)
+        if n > 1 and rng.random() < 0.5:
+            ids[int(rng.integers(1, n))] = ids[int(rng.integers(0, n))]
+        if n and rng.random() < 0.3:
+            scores[int(rng.integers(0, n))] = rng.choice([np.nan, np.inf, -np.inf])
+        assert kernels.check_ranked(ids, scores) == numpy_check_ranked(ids, scores)
+    strided = np.arange(20, dtype=np.int64)[::2]  # a strided view is made contiguous first
+    assert kernels.check_ranked(strided, np.ones(10, np.float32)) == (-1, False)
 
 
 CONFIG = """
@@ -241,9 +254,7 @@ def test_whole_blends_equal_the_numpy_path(built, monkeypatch, strategy, exclude
     compiled = blends(cfg, requests)
     monkeypatch.setattr(neighbours, "aggregate", aggregate_numpy)
     monkeypatch.setattr(fanout, "merge", merge_numpy)
-    monkeypatch.setattr(
-        fanout, "_has_repeats", lambda ids: bool((np.diff(np.sort(ids)) == 0).any())
-    )
+    monkeypatch.setattr(kernels, "check_ranked", numpy_check_ranked)
     reference = blends(cfg, requests)
     for a, b in zip(compiled, reference, strict=True):
         assert same_bits(a.item_ids, b.item_ids)
@@ -424,3 +435,53 @@ def test_first_seen_codes_equal_arrows_dictionary_indices(seed):
     assert np.concatenate(got or [np.empty(0, np.int64)]).tolist() == (
         np.concatenate(want or [np.empty(0, np.int64)]).tolist()
     )
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_logs_user_time_order_equals_lexsort(seed):
+    """Users' events in and out of time order, tied times keeping the file's order."""
+    from retrieval.build_kernels import user_time_order
+
+    rng = np.random.default_rng(seed)
+    for case in range(20):
+        n, n_users = int(rng.integers(0, 20_000)), int(rng.integers(1, 500))
+        users = rng.integers(0, n_users, n).astype(np.int32)
+        stamps = rng.integers(0, int(rng.choice([3, 1000])), n).astype(np.float64)
+        if case % 3 == 0:
+            stamps = np.sort(stamps)
+        got = user_time_order(users, stamps, n_users)
+        assert got.tolist() == np.lexsort((stamps, users)).tolist()
+
+
+def test_history_sums_equal_the_sum_by_id_reference():
+    from sources.history import sum_by_id
+
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        n = int(rng.integers(0, 60))
+        ids = rng.integers(0, int(rng.integers(1, 40)), n).astype(np.int64) - 7
+        weights = 0.9 ** rng.integers(0, 60, n).astype(np.float64) * rng.random(n)
+        got_ids, got_sums = kernels.sum_unique(ids, weights)
+        want_ids, want_sums = sum_by_id(ids, weights)
+        assert got_ids.tolist() == want_ids.tolist()
+        assert same_bits(got_sums, want_sums.astype(np.float64))
+
+
+def test_int_id_maps_look_up_like_the_numpy_path():
+    from retrieval.artifacts import IdMap
+
+    rng = np.random.default_rng(7)
+    ids = np.unique(rng.integers(-(10**12), 10**12, 5000))
+    m = IdMap(ids)
+    for _ in range(50):
+        q = np.concatenate([rng.choice(ids, 30), rng.integers(-(10**12), 10**12, 30)])
+        rng.shuffle(q)
+        got = m.to_dense(q)
+        assert got.dtype == np.int32
+        assert got.tolist() == m.to_dense(q.tolist()).tolist()  # a list takes the numpy path
+        hit = got[got >= 0]
+        assert m.to_external(hit).tolist() == ids[hit].tolist()
+    with pytest.raises(IndexError):
+        m.to_external(np.array([0, len(ids)], dtype=np.int32))
+    with pytest.raises(IndexError):
+        m.to_external(np.array([-1], dtype=np.int32))

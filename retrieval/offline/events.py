@@ -168,7 +168,9 @@ def read_events(
     del ctx
 
     # Gather one column at a time so only one extra column is alive at once.
-    order = np.lexsort((timestamps, users))
+    from retrieval.build_kernels import user_time_order  # numba, compiled once and cached
+
+    order = user_time_order(users, timestamps, len(user_ids))
     users = users[order]
     items = items[order]
     timestamps = timestamps[order]
