@@ -7,11 +7,11 @@ Here the pairs are counted, then written once, in the same order with the same a
 Cutting each row of a sparse product to its top k took one packed sort key, two argsorts and
 four gathers over every entry, about 46 bytes per entry alive at once: 2.8 GB for one of
 co-visitation's 60M-pair partitions at 100M events. Here each row is sorted on its own, so only
-the output is allocated. Loaded only by builds (``sources.neighbours.top_k_per_row`` imports it
-when first called), never by serving.
+the output is allocated. Loaded by builds and the log reader (each imports it when first
+called), never by serving.
 
 Dictionary-encoding an int64 session column (Arrow's hash table) took 4.4 GB at 100M events
-and 18M sessions, the read's peak; ``first_seen_codes`` gives the same codes from a table of
+and 18M sessions, the read's peak; ``FirstSeenCodes`` gives the same codes from a table of
 16 bytes a session.
 
 Each kernel gives what its numpy reference gives, bit for bit (``tests/test_kernels.py``).
