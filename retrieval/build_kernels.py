@@ -239,7 +239,7 @@ class FirstSeenCodes:
 # -- the log's (user, time) order -----------------------------------------------------------
 
 
-@nb.njit(_i64(_ro_i32, _ro_f64, nb.int64), **_JIT)
+@nb.njit(nb.types.Tuple((_i64, _i64))(_ro_i32, _ro_f64, nb.int64), **_JIT)
 def _user_time_order(users, timestamps, n_users):
     starts = np.zeros(n_users + 1, np.int64)
     for u in users:
@@ -262,16 +262,19 @@ def _user_time_order(users, timestamps, n_users):
         if not ordered:
             seg = order[a:b]
             order[a:b] = seg[np.argsort(timestamps[seg], kind="mergesort")]
-    return order
+    return order, starts
 
 
 def user_time_order(
     users: npt.NDArray[np.int32], timestamps: npt.NDArray[np.float64], n_users: int
-) -> npt.NDArray[np.int64]:
-    """``np.lexsort((timestamps, users))`` for dense user codes in ``[0, n_users)``: a counting
-    sort by user, then a stable sort of each user's events by time (none when a user's events
-    are already in time order, as logs usually are). O(n) beyond the per-user sorts, and only
-    the order and the counts are allocated; lexsort's two passes held about twice that."""
-    return _user_time_order(
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+    """``np.lexsort((timestamps, users))`` for dense user codes in ``[0, n_users)``, and where
+    each user's events start in it (``n_users + 1`` offsets: the sorted users are a repeat of
+    each code, no gather needed). A counting sort by user, then a stable sort of each user's
+    events by time (none when they are in time order already, as logs usually are). O(n) beyond
+    the per-user sorts, and only the order and the offsets are allocated; lexsort's two passes
+    held about twice that."""
+    order, starts = _user_time_order(
         np.ascontiguousarray(users, np.int32), np.ascontiguousarray(timestamps, np.float64), n_users
     )
+    return order, starts

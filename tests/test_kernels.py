@@ -449,8 +449,10 @@ def test_the_logs_user_time_order_equals_lexsort(seed):
         stamps = rng.integers(0, int(rng.choice([3, 1000])), n).astype(np.float64)
         if case % 3 == 0:
             stamps = np.sort(stamps)
-        got = user_time_order(users, stamps, n_users)
+        got, starts = user_time_order(users, stamps, n_users)
         assert got.tolist() == np.lexsort((stamps, users)).tolist()
+        by_user = np.repeat(np.arange(n_users, dtype=np.int32), np.diff(starts))
+        assert by_user.tolist() == users[got].tolist()
 
 
 def test_history_sums_equal_the_sum_by_id_reference():
