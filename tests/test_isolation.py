@@ -391,6 +391,31 @@ def test_lane_sheds_beyond_its_cap_and_refuses_after_close():
         lane.try_submit(int)
 
 
+def test_a_lane_whose_deliver_raises_logs_it_and_keeps_serving(caplog):
+    """A job's ``deliver`` runs on the lane's thread after the call: if it raises, the error is
+    logged and the thread takes the next job (the call no longer counts as in flight)."""
+    lane = Lane("x", cap=1)
+    delivered: list[Any] = []
+
+    def broken(key: Any, result: Any, error: BaseException | None) -> None:
+        raise RuntimeError("deliver broke")
+
+    def kept(key: Any, result: Any, error: BaseException | None) -> None:
+        delivered.append((key, result, error))
+
+    with caplog.at_level("ERROR", logger="blender.lanes"):
+        assert lane.try_start(int, ("7",), broken, "first")
+        deadline = time.monotonic() + 2
+        while lane.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert lane.try_start(int, ("8",), kept, "second")  # the cap of 1 is free again
+        while not delivered and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert delivered == [("second", 8, None)]
+    assert "delivering a result failed" in caplog.text
+    assert lane.close(timeout_s=2.0)
+
+
 # -- 11. leaky defaults ----------------------------------------------------------------------------
 
 
