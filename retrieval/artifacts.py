@@ -274,7 +274,7 @@ class IdMap:
     memory-mapped array shared between processes.
     """
 
-    __slots__ = ("_ints", "values")
+    __slots__ = ("values",)
 
     def __init__(self, values: npt.NDArray[Any]) -> None:
         """Wrap an already sorted, unique array (use :meth:`from_values` for raw ids)."""
@@ -285,8 +285,6 @@ class IdMap:
         if values.shape[0] > np.iinfo(np.int32).max:
             raise ArtifactError(f"IdMap holds {values.shape[0]} ids, more than int32 indexes")
         self.values = values
-        # Int ids as a plain contiguous array (a view of a memmap): the compiled lookups' input.
-        self._ints = np.ascontiguousarray(values) if values.dtype == np.int64 else None
 
     @classmethod
     def from_values(cls, values: npt.ArrayLike) -> tuple[IdMap, npt.NDArray[np.int32]]:
@@ -330,8 +328,8 @@ class IdMap:
         ``"+5"``, ``" 7"`` and ``"00123"`` are strings, so not there), ints against a str map are
         ``str()``-ed; bools, floats and None are never ids, so they are missing.
         """
-        if self._ints is not None and isinstance(ids, np.ndarray) and ids.dtype == np.int64:
-            return kernels.lookup_sorted(self._ints, ids.reshape(-1), missing)
+        if not self.is_str and isinstance(ids, np.ndarray) and ids.dtype == np.int64:
+            return kernels.lookup_sorted(self.values, ids.reshape(-1), missing)
         ok, q = self._coerce(ids)
         out = np.full(ok.shape[0], missing, dtype=np.int32)
         if len(self) == 0 or not ok.any():
@@ -359,8 +357,8 @@ class IdMap:
     def to_external(self, dense: npt.ArrayLike) -> npt.NDArray[Any]:
         """External ids of dense indices (raises IndexError on out-of-range indices)."""
         idx = np.asarray(dense)
-        if self._ints is not None and idx.dtype == np.int32 and idx.ndim == 1:
-            bad, out = kernels.gather_ids(self._ints, idx)
+        if not self.is_str and idx.dtype == np.int32 and idx.ndim == 1:
+            bad, out = kernels.gather_ids(self.values, idx)
             if bad < 0:
                 return out
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):

@@ -513,7 +513,9 @@ def lookup_sorted(
 ) -> npt.NDArray[np.int32]:
     """Each key's position in the sorted ``values`` (``missing`` when absent): an int
     ``IdMap.to_dense`` in one call instead of seven numpy calls."""
-    return _lookup_sorted(values, np.ascontiguousarray(keys, np.int64), np.int32(missing))
+    return _lookup_sorted(
+        np.ascontiguousarray(values), np.ascontiguousarray(keys, np.int64), np.int32(missing)
+    )
 
 
 @nb.njit(nb.types.Tuple((nb.int64, _i64))(_ro_i64, _ro_i32), **_JIT)
@@ -533,5 +535,5 @@ def gather_ids(
 ) -> tuple[int, npt.NDArray[np.int64]]:
     """``values[dense]`` and -1, or the first out-of-range position and nothing: an int
     ``IdMap.to_external`` in one call."""
-    bad, out = _gather_ids(values, np.ascontiguousarray(dense, np.int32))
+    bad, out = _gather_ids(np.ascontiguousarray(values), np.ascontiguousarray(dense, np.int32))
     return int(bad), out
