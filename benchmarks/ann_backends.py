@@ -69,8 +69,9 @@ def report(
 
 
 def bench_faiss(x: F32, q: F32, truth: list[npt.NDArray[np.int64]], k: int, nlist: int) -> None:
-    import faiss
+    from sources.ann_faiss import require_faiss
 
+    faiss = require_faiss()
     faiss.omp_set_num_threads(2)  # training and adding may use both cores
     for spec in (f"IVF{nlist},Flat", f"IVF{nlist},SQ8"):
         t0 = time.perf_counter()

@@ -19,6 +19,8 @@ returns the ann source's scores (re-ranked exactly for sq8).
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +41,7 @@ __all__ = [
     "check_sidecar",
     "default_nlist",
     "default_nprobe",
+    "match_blas_core",
     "require_faiss",
 ]
 
@@ -53,7 +56,10 @@ Storage = Literal["flat", "sq8"]
 
 
 def require_faiss() -> Any:
-    """faiss, or a clear message about the missing dependency."""
+    """faiss, or a clear message about the missing dependency; its BLAS told the CPU's core
+    type first (``match_blas_core``)."""
+    if "faiss" not in sys.modules:
+        match_blas_core()
     try:
         import faiss
     except ImportError as exc:  # pragma: no cover - faiss-cpu is a dependency
@@ -61,6 +67,39 @@ def require_faiss() -> Any:
             "the ann source's faiss backend needs faiss-cpu: pip install faiss-cpu"
         ) from exc
     return faiss
+
+
+# The cores an older OpenBLAS (faiss-cpu bundles 0.3.15) knows by name, for the names numpy's
+# newer OpenBLAS may give: a newer core runs the kernels of the older one it extends.
+_KNOWN_CORES = {
+    "haswell": "Haswell",
+    "skylakex": "SkylakeX",
+    "cooperlake": "Cooperlake",
+    "sapphirerapids": "SkylakeX",
+    "zen": "Zen",
+}
+
+
+def match_blas_core() -> str | None:
+    """Tell the OpenBLAS faiss loads the core type numpy's OpenBLAS detected; the core set.
+
+    faiss-cpu's wheels bundle an older OpenBLAS than numpy's. On a VM that hides the CPU model
+    (here: "Intel(R) Xeon(R) Processor") it falls back to its generic SSE3 kernels, and k-means
+    and list assignment, most of a 10M-item ANN build, ran 2.4x slower (benchmarks/README.md).
+    ``OPENBLAS_CORETYPE`` is read once, when faiss loads, so this must run before; a value
+    already set is the user's and is left alone. Returns None when nothing was set (no
+    OpenBLAS under numpy, or a core this table does not map)."""
+    if "OPENBLAS_CORETYPE" in os.environ:
+        return None
+    from threadpoolctl import threadpool_info
+
+    for pool in threadpool_info():
+        if pool.get("internal_api") == "openblas":
+            core = _KNOWN_CORES.get(str(pool.get("architecture", "")).lower())
+            if core is not None:
+                os.environ["OPENBLAS_CORETYPE"] = core
+                return core
+    return None
 
 
 def default_nlist(n: int) -> int:

@@ -184,3 +184,61 @@ def test_nprobe_is_calibrated_at_build_to_the_target_recall(tmp_path, log):
         assert abs(np.mean(hits) / 1000 - meta["nprobe_recall"]) < 1e-3
         chosen[target] = nprobe
     assert chosen[0.5] < chosen[0.97]
+
+
+_CORES = """
+import json, numpy
+from threadpoolctl import threadpool_info
+from sources.ann_faiss import require_faiss
+
+def cores():
+    return {p["filepath"]: p.get("architecture") for p in threadpool_info()
+            if p.get("internal_api") == "openblas"}
+
+before = cores()
+require_faiss()
+print(json.dumps({"before": before, "after": cores()}))
+"""
+
+
+def _openblas_cores(**env: str) -> tuple[dict[str, str], dict[str, str]]:
+    """The OpenBLAS libraries loaded (path: core) before faiss and after it, in a fresh
+    interpreter (the core type is read once, when a library loads)."""
+    import os
+    import subprocess
+    import sys
+
+    clean = {k: v for k, v in os.environ.items() if k != "OPENBLAS_CORETYPE"}
+    out = subprocess.run(
+        [sys.executable, "-c", _CORES], env={**clean, **env}, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    return result["before"], result["after"]
+
+
+def _faiss_cores(before: dict[str, str], after: dict[str, str]) -> list[str]:
+    return [core for path, core in after.items() if path not in before]
+
+
+def test_faiss_blas_runs_the_core_numpy_detected():
+    """faiss-cpu bundles an older OpenBLAS, which took its generic kernels on a VM that hides
+    the CPU model (2.4x slower builds): it must run the core numpy's OpenBLAS found."""
+    from sources.ann_faiss import _KNOWN_CORES
+
+    before, after = _openblas_cores()
+    mapped = [_KNOWN_CORES.get(str(c).lower()) for c in before.values()]
+    if not mapped or mapped[0] is None:
+        pytest.skip(f"numpy's BLAS cores {before} are not ones the table maps")
+    faiss_cores = _faiss_cores(before, after)
+    if not faiss_cores:
+        pytest.skip("this faiss build does not bundle its own OpenBLAS")
+    assert faiss_cores == [mapped[0]] * len(faiss_cores), (before, after)
+
+
+def test_a_core_type_the_user_set_is_kept():
+    before, after = _openblas_cores(OPENBLAS_CORETYPE="Haswell")
+    faiss_cores = _faiss_cores(before, after)
+    if not faiss_cores:
+        pytest.skip("this faiss build does not bundle its own OpenBLAS")
+    assert faiss_cores == ["Haswell"] * len(faiss_cores), (before, after)

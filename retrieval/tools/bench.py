@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 from threadpoolctl import threadpool_limits
 
+from retrieval.artifacts import ArtifactError
 from retrieval.config import RetrievalConfig
 from retrieval.types import Deadline, Request, SourceStatus
 
@@ -383,9 +384,11 @@ def exact_reference(
 
 def _faiss_flat(x: npt.NDArray[np.float32], metric: str) -> Any:
     """faiss's exact index over ``x`` on one OpenMP thread, or None without faiss."""
+    from sources.ann_faiss import require_faiss
+
     try:
-        import faiss
-    except ImportError:
+        faiss = require_faiss()
+    except ArtifactError:
         return None
     faiss.omp_set_num_threads(1)
     index = (

@@ -19,6 +19,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from retrieval.artifacts import ArtifactError
+from sources.ann_faiss import require_faiss
+
 __all__ = ["LIBRARIES", "doctor", "doctor_sections", "format_doctor", "gil_speedup"]
 
 LIBRARIES = (
@@ -47,18 +50,28 @@ def _versions() -> list[str]:
     return out
 
 
+def _faiss() -> Any:
+    """faiss loaded as the ann source loads it (its BLAS told the CPU's core type), or None."""
+    try:
+        return require_faiss()
+    except ArtifactError:
+        return None
+
+
 def _threadpools() -> list[str]:
     from threadpoolctl import threadpool_info
 
+    _faiss()  # loaded first, so its own OpenBLAS is listed too
     lines = []
     for p in threadpool_info():
         lines.append(
             f"{p.get('user_api')}: {p.get('internal_api')} {p.get('version') or ''} "
-            f"threads={p.get('num_threads')} ({os.path.basename(str(p.get('filepath')))})"
+            f"threads={p.get('num_threads')} core={p.get('architecture') or '-'} "
+            f"({os.path.basename(str(p.get('filepath')))})"
         )
     env = {
         k: os.environ[k]
-        for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+        for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_CORETYPE")
         if k in os.environ
     }
     lines.append(f"environment: {env or 'no thread variables set'}")
@@ -96,12 +109,9 @@ def _cpu() -> list[str]:
         "annoy was compiled here with -march=native: it may use every flag above, so a host "
         "lacking one crashes (illegal instruction); see README for ANNOY_COMPILER_ARGS",
     ]
-    try:
-        import faiss
-
+    faiss = _faiss()
+    if faiss is not None:
         lines.append(f"faiss compile options: {faiss.get_compile_options()}")
-    except ImportError:
-        pass
     return lines
 
 
@@ -142,9 +152,8 @@ def _gil(items: int, queries: int, dims: int = 32) -> list[str]:
         lines.append(_verdict("annoy", s))
     except ImportError:
         lines.append("annoy: not installed")
-    try:
-        import faiss
-
+    faiss = _faiss()
+    if faiss is not None:
         ivf = faiss.index_factory(dims, "IVF64,Flat", faiss.METRIC_INNER_PRODUCT)  # 1/4 scanned
         ivf.train(x)
         ivf.add(x)
@@ -156,7 +165,7 @@ def _gil(items: int, queries: int, dims: int = 32) -> list[str]:
             return ivf.search(q[i : i + 1], 100, params=params)
 
         lines.append(_verdict("faiss", gil_speedup(search, queries)))
-    except ImportError:
+    else:
         lines.append("faiss: not installed")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if (cores or 1) < 2:
