@@ -4,21 +4,22 @@
     python examples/large_catalog.py --items 1000000 --events 10000000 --workdir /tmp/large-1m
 
 Resumable: every step whose output exists is skipped (delete a step's output to redo it), so
-an interrupted run picks up where it stopped. Each source builds in its own process (its time
-and peak RSS are its own, reading the log included) into ``parts/NAME``; the parts are then
-moved under one serving directory with a merged manifest. The bench runs in a fresh process so
-its RSS is what a serving process holds: at concurrency 1 (latency, exact-search reference, ANN
-recall), then at concurrency 2 as two threads in one process and as two processes of one
-thread each (throughput: the GIL lets one process use about one core). ANN indexes the
-synthetic two-tower embeddings (32-d): ALS on 100M events would dominate the build.
+an interrupted run picks up where it stopped. Every source builds in one ``retrieval build``
+process, as a user builds: the log is read once, each source's time is its own build step's,
+and the peak RSS is the whole build's (the log's columns included). The bench runs in a fresh
+process so its RSS is what a serving process holds: at concurrency 1 (latency, exact-search
+reference, ANN recall), then at concurrency 2 as two threads in one process and as two
+processes of one thread each (throughput: the GIL lets one process use about one core). ANN
+indexes the synthetic two-tower embeddings (32-d): ALS on 100M events would dominate the
+build.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -52,27 +53,30 @@ sources:
     timeout_ms: 10
     params: {{segments: [country]}}
 """
-SOURCES = ("covisit", "itemcf", "ann", "popular")
 
 
 def say(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def run(cmd: list[str], what: str, heartbeat_s: float = 30.0) -> tuple[float, float]:
+def run(
+    cmd: list[str], what: str, heartbeat_s: float = 30.0, stdout: Path | None = None
+) -> tuple[float, float]:
     """Run a child to completion: (seconds, its peak RSS in MB). Says how it is doing every
     ``heartbeat_s`` (elapsed time, RSS), so a log of a background run shows progress."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    next_beat = t0 + heartbeat_s
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        time.sleep(0.2)
-        if time.perf_counter() >= next_beat:
-            next_beat += heartbeat_s
-            say(f"{what}: {time.perf_counter() - t0:.0f}s so far, RSS {_rss_mb(proc.pid):.0f} MB")
+    with open(stdout, "w") if stdout else contextlib.nullcontext() as out:
+        proc = subprocess.Popen(cmd, stdout=out)
+        next_beat = t0 + heartbeat_s
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            time.sleep(0.2)
+            if time.perf_counter() >= next_beat:
+                next_beat += heartbeat_s
+                rss = _rss_mb(proc.pid)
+                say(f"{what}: {time.perf_counter() - t0:.0f}s so far, RSS {rss:.0f} MB")
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"failed: {' '.join(cmd)}")
     return time.perf_counter() - t0, usage.ru_maxrss / 1024.0
@@ -86,28 +90,6 @@ def _rss_mb(pid: int) -> float:
     except OSError:
         pass
     return float("nan")
-
-
-def merge(work: Path) -> Path:
-    """One serving directory from the per-source builds (same log, so same ids and counts)."""
-    out = work / "build"
-    if (out / "manifest.json").exists():
-        return out
-    tmp = work / "build.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    manifest: dict[str, Any] = {}
-    for name in SOURCES:
-        part = work / "parts" / name
-        m = json.loads((part / "manifest.json").read_text())
-        if not manifest:
-            manifest = m
-            shutil.copytree(part / "ids", tmp / "ids")
-        manifest["sources"].update(m["sources"])
-        os.symlink((part / name).resolve(), tmp / name)
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    tmp.rename(out)
-    return out
 
 
 def main() -> None:
@@ -154,18 +136,24 @@ def main() -> None:
             )
         )
     )
-    for name in SOURCES:
-        part = work / "parts" / name
-        if (part / "manifest.json").exists():
-            say(f"{name}: built already ({summary['build'].get(name)})")
-            continue
-        say(f"building {name} ...")
+    artifacts = work / "build"
+    if (artifacts / "manifest.json").exists():
+        say(f"built already ({summary['build']})")
+    else:
+        say("building every source ...")
         cmd = [sys.executable, "-m", "retrieval.tools.cli", "build", str(cfg), "--events", str(log)]
-        seconds, peak = run([*cmd, "--out", str(part), "--only", name], f"build {name}")
-        summary["build"][name] = {"seconds": round(seconds, 1), "peak_rss_mb": round(peak)}
-        say(f"{name}: {seconds:.0f}s, peak RSS {peak:.0f} MB")
+        report = work / "build.json"
+        seconds, peak = run([*cmd, "--out", str(artifacts), "--json"], "build", stdout=report)
+        rows = json.loads(report.read_text())["sources"]
+        steps = {r["name"]: round(r["seconds"], 1) for r in rows}
+        summary["build"] = {
+            "seconds": round(seconds, 1),
+            "peak_rss_mb": round(peak),
+            "read_and_write_s": round(seconds - sum(steps.values()), 1),
+            "sources_s": steps,
+        }
+        say(f"build: {seconds:.0f}s, peak RSS {peak:.0f} MB")
         save()
-    artifacts = merge(work)
     # (name, threads per process, processes)
     for name, threads, procs in (("c1", 1, 1), ("c2", 2, 1), ("p2", 1, 2)):
         out = work / f"bench-{name}.json"
@@ -180,20 +168,23 @@ def main() -> None:
             summary[f"bench_{name}_process"] = {"seconds": round(seconds, 1), "peak_rss_mb": peak}
         summary[f"bench_{name}"] = json.loads(out.read_text())
         save()
-    disk = sum(p.stat().st_size for p in (work / "parts").rglob("*") if p.is_file())
+    disk = sum(p.stat().st_size for p in artifacts.rglob("*") if p.is_file())
     summary["artifacts_gb"] = round(disk / 1e9, 2)
     summary["this_run_s"] = round(time.perf_counter() - began, 1)
     save()
     b1, b2, p2 = summary["bench_c1"], summary["bench_c2"], summary["bench_p2"]
-    total = sum(v["seconds"] for v in summary["build"].values())
-    peak = max(v["peak_rss_mb"] for v in summary["build"].values())
+    built = summary["build"]
     print(f"\n== {args.items:,} items, {args.events:,} events ({summary_path})")
     if "synth" in summary:
         print(f"synthesize: {summary['synth']['seconds']:.0f}s")
-    for name, v in summary["build"].items():
-        print(f"build {name:<10} {v['seconds']:>7.0f}s  peak RSS {v['peak_rss_mb']:>7.0f} MB")
+    for name, seconds in built["sources_s"].items():
+        print(f"build {name:<10} {seconds:>7.0f}s")
+    print(f"build read+write {built['read_and_write_s']:>5.0f}s")
     gb = summary["artifacts_gb"]
-    print(f"build total {total:.0f}s, peak RSS {peak:.0f} MB, artifacts {gb} GB")
+    print(
+        f"build total {built['seconds']:.0f}s, peak RSS {built['peak_rss_mb']:.0f} MB, "
+        f"artifacts {gb} GB"
+    )
     print(
         f"serving RSS after warm-up {b1['rss_mb']:.0f} MB; blend p50 {b1['p50_ms']:.2f} ms "
         f"p99 {b1['p99_ms']:.2f} ms (concurrency 1)"

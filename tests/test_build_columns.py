@@ -62,3 +62,24 @@ def test_one_source_alone_reads_its_columns_and_writes_the_same_bytes(
     build(config, log, out, only=[name], progress=False)
     assert calls == [(segments, sessions)]
     assert files_of(out, name) == files_of(root / "all", name)  # sizes and SHA-256 of each file
+
+
+def test_columns_no_later_source_reads_are_released_between_builders(setup, monkeypatch, tmp_path):
+    """Session ids (0.8 GB at 100M events) are dropped once co-visitation, the one source that
+    reads them, is built; segments stay until popularity, which reads them, is built."""
+    config, log, _ = setup
+    seen = {}
+    real = build_module._build_one
+
+    def spy(sc, events, *args):
+        seen[sc.name] = (events.sessions is not None, sorted(events.segments))
+        return real(sc, events, *args)
+
+    monkeypatch.setattr(build_module, "_build_one", spy)
+    build(config, log, tmp_path / "out", progress=False)
+    assert seen == {
+        "covisit": (True, ["country"]),
+        "itemcf": (False, ["country"]),
+        "ann": (False, ["country"]),
+        "popular": (False, ["country"]),
+    }
