@@ -6,6 +6,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import logging
 import math
@@ -41,6 +42,34 @@ logger = logging.getLogger(__name__)
 # items: ~7 GB; a cold start without it timed every source out).
 _PREFETCH_WAIT_S = 120.0
 _WARM_UP_BLENDS = 32
+
+# Open retrievers holding the heap frozen (``_freeze_heap``); the last one to close thaws it.
+_frozen = 0
+_frozen_lock = threading.Lock()
+
+
+def _freeze_heap() -> None:
+    """Move every object alive after loading out of the collector's reach (``gc.freeze``).
+
+    A full collection walks every tracked object with the whole process stopped: after numba's,
+    faiss's and pyarrow's imports that is ~140k objects and 30-60 ms here, which the requests in
+    flight pay (their sources "could not start" within 30 ms; benchmarks/README.md). Like the
+    BLAS limit, this is process-wide while a retriever is open: garbage is collected first, and
+    ``close`` of the last open retriever gives the collector everything back.
+    """
+    global _frozen
+    with _frozen_lock:
+        gc.collect()
+        gc.freeze()
+        _frozen += 1
+
+
+def _thaw_heap() -> None:
+    global _frozen
+    with _frozen_lock:
+        _frozen -= 1
+        if _frozen == 0:
+            gc.unfreeze()
 
 SERVING_STEPS: tuple[str, ...] = (
     "request",
@@ -125,6 +154,8 @@ class Retriever:
             prefetch.join(timeout=_PREFETCH_WAIT_S)
         self._warm_up()
         self._warm_up_blends(artifacts)
+        _freeze_heap()
+        self._frozen = True
 
     @property
     def blender(self) -> Blender:
@@ -480,6 +511,9 @@ class Retriever:
         limit = getattr(self, "_blas_limit", None)
         if limit is not None:
             limit.restore_original_limits()
+        if getattr(self, "_frozen", False):
+            self._frozen = False
+            _thaw_heap()
 
     async def aclose(self) -> None:
         """``close`` for ``async`` code. It runs on the loop's thread, so it may block the loop
