@@ -52,9 +52,9 @@ def _freeze_heap() -> None:
     """Move every object alive after loading out of the collector's reach (``gc.freeze``).
 
     A full collection walks every tracked object with the whole process stopped: after numba's,
-    faiss's and pyarrow's imports that is ~140k objects and 30-60 ms here, which the requests in
-    flight pay (their sources "could not start" within 30 ms; benchmarks/README.md). Like the
-    BLAS limit, this is process-wide while a retriever is open: garbage is collected first, and
+    faiss's and pyarrow's imports that is ~140k objects and 72-79 ms on a quiet machine here
+    (benchmarks/README.md), longer than the deadline of every request in flight. Like the BLAS
+    limit, this is process-wide while a retriever is open: garbage is collected first, and
     ``close`` of the last open retriever gives the collector everything back.
     """
     global _frozen
@@ -70,6 +70,7 @@ def _thaw_heap() -> None:
         _frozen -= 1
         if _frozen == 0:
             gc.unfreeze()
+
 
 SERVING_STEPS: tuple[str, ...] = (
     "request",
@@ -155,7 +156,7 @@ class Retriever:
         self._warm_up()
         self._warm_up_blends(artifacts)
         _freeze_heap()
-        self._frozen = True
+        self._holds_freeze = True
 
     @property
     def blender(self) -> Blender:
@@ -511,8 +512,8 @@ class Retriever:
         limit = getattr(self, "_blas_limit", None)
         if limit is not None:
             limit.restore_original_limits()
-        if getattr(self, "_frozen", False):
-            self._frozen = False
+        if getattr(self, "_holds_freeze", False):
+            self._holds_freeze = False
             _thaw_heap()
 
     async def aclose(self) -> None:
