@@ -41,7 +41,6 @@ __all__ = [
     "check_sidecar",
     "default_nlist",
     "default_nprobe",
-    "match_blas_core",
     "require_faiss",
 ]
 
@@ -57,9 +56,9 @@ Storage = Literal["flat", "sq8"]
 
 def require_faiss() -> Any:
     """faiss, or a clear message about the missing dependency; its BLAS told the CPU's core
-    type first (``match_blas_core``)."""
+    type first (``_match_blas_core``)."""
     if "faiss" not in sys.modules:
-        match_blas_core()
+        _match_blas_core()
     try:
         import faiss
     except ImportError as exc:  # pragma: no cover - faiss-cpu is a dependency
@@ -80,17 +79,17 @@ _KNOWN_CORES = {
 }
 
 
-def match_blas_core() -> str | None:
-    """Tell the OpenBLAS faiss loads the core type numpy's OpenBLAS detected; the core set.
+def _match_blas_core() -> None:
+    """Tell the OpenBLAS faiss loads the core type numpy's OpenBLAS detected.
 
     faiss-cpu's wheels bundle an older OpenBLAS than numpy's. On a VM that hides the CPU model
     (here: "Intel(R) Xeon(R) Processor") it falls back to its generic SSE3 kernels, and k-means
     and list assignment, most of a 10M-item ANN build, ran 2.4x slower (benchmarks/README.md).
     ``OPENBLAS_CORETYPE`` is read once, when faiss loads, so this must run before; a value
-    already set is the user's and is left alone. Returns None when nothing was set (no
-    OpenBLAS under numpy, or a core this table does not map)."""
+    already set is the user's and is left alone, and nothing is set without an OpenBLAS under
+    numpy or for a core ``_KNOWN_CORES`` does not map."""
     if "OPENBLAS_CORETYPE" in os.environ:
-        return None
+        return
     from threadpoolctl import threadpool_info
 
     for pool in threadpool_info():
@@ -98,8 +97,7 @@ def match_blas_core() -> str | None:
             core = _KNOWN_CORES.get(str(pool.get("architecture", "")).lower())
             if core is not None:
                 os.environ["OPENBLAS_CORETYPE"] = core
-                return core
-    return None
+                return
 
 
 def default_nlist(n: int) -> int:
