@@ -1,13 +1,18 @@
 """Do threads scale? ``retrieval bench`` at 1, 2 and 4 threads in one process, beside 2 processes.
 
     python benchmarks/threads_scaling.py CONFIG --artifacts DIR --events LOG \\
-        [--baseline OLD_TREE] [--requests 2000] [--json-out scaling.json]
+        [--baseline OLD_TREE [--baseline-artifacts OLD_DIR]] [--requests 2000] \\
+        [--json-out scaling.json]
 
 Each setting runs in a fresh process (``retrieval bench``, first-request latency included in
 its figures after its own warm-up). With ``--baseline``, a checkout of an older commit (``git
 worktree add /tmp/old <commit>``), every setting also runs on that code (``PYTHONPATH``), in
 alternation with this tree, so old and new are measured in one run on the same machine state:
-the JSON holds both side by side.
+the JSON holds both side by side. An older tree may not read today's artifacts (the formats
+moved): ``--baseline-artifacts`` names a build made by that tree. Each run starts in its tree's
+folder and fails unless it imported that tree: ``python -c`` puts the working folder ahead of
+``PYTHONPATH``, so a baseline started from this checkout would silently have measured this code
+again.
 """
 
 from __future__ import annotations
@@ -21,23 +26,35 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+HERE = Path(__file__).resolve().parents[1]
 SETTINGS = (("1 thread", 1, 1), ("2 threads", 2, 1), ("4 threads", 4, 1), ("2 processes", 1, 2))
 
 
-def bench(args: argparse.Namespace, threads: int, processes: int, tree: Path | None) -> dict:
+# Refuses to run unless ``retrieval`` was imported from the expected tree (argv[1]).
+_RUN = (
+    "import sys; from pathlib import Path; import retrieval; "
+    "got = Path(retrieval.__file__).resolve().parents[1]; "
+    "sys.exit(f'imported {got}, expected {sys.argv[1]}') if str(got) != sys.argv[1] else None; "
+    "del sys.argv[1]; from retrieval.tools.cli import main; raise SystemExit(main())"
+)
+
+
+def bench(
+    args: argparse.Namespace, threads: int, processes: int, tree: Path, artifacts: Path
+) -> dict:
     env = dict(os.environ)
-    if tree is not None:
-        env["PYTHONPATH"] = str(tree) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(tree) + os.pathsep + env.get("PYTHONPATH", "")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
         cmd = [
             sys.executable,
             "-c",
-            "from retrieval.tools.cli import main; raise SystemExit(main())",
+            _RUN,
+            str(tree),
             "bench",
             str(args.config),
             "--artifacts",
-            str(args.artifacts),
+            str(artifacts),
             "--requests",
             str(args.requests),
             "--concurrency",
@@ -51,7 +68,7 @@ def bench(args: argparse.Namespace, threads: int, processes: int, tree: Path | N
         ]
         if args.events:
             cmd += ["--events", str(args.events)]
-        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(cmd, env=env, cwd=tree, check=True, stdout=subprocess.DEVNULL)
         result: dict[str, Any] = json.loads(out.read_text())
     return {
         "p50_ms": result["p50_ms"],
@@ -68,16 +85,23 @@ def main() -> None:
     ap.add_argument("--artifacts", type=Path, required=True)
     ap.add_argument("--events", type=Path)
     ap.add_argument("--baseline", type=Path, help="a checkout of the code to compare against")
+    ap.add_argument(
+        "--baseline-artifacts", type=Path, help="the baseline's own build (default: --artifacts)"
+    )
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
-    trees: dict[str, Path | None] = {"new": None}
+    # Absolute: each run starts in its own tree's folder.
+    for name in ("config", "artifacts", "events", "baseline_artifacts"):
+        if getattr(args, name) is not None:
+            setattr(args, name, getattr(args, name).resolve())
+    trees: dict[str, tuple[Path, Path]] = {"new": (HERE, args.artifacts)}
     if args.baseline:
-        trees["old"] = args.baseline.resolve()
+        trees["old"] = (args.baseline.resolve(), args.baseline_artifacts or args.artifacts)
     figures: dict[str, dict[str, dict]] = {name: {} for name in trees}
     for label, threads, processes in SETTINGS:
-        for name, tree in trees.items():
-            figures[name][label] = r = bench(args, threads, processes, tree)
+        for name, (tree, artifacts) in trees.items():
+            figures[name][label] = r = bench(args, threads, processes, tree, artifacts)
             print(
                 f"{name:3s} {label:11s}  p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  "
                 f"{r['blends_per_s']:7.1f} blends/s",
@@ -88,6 +112,7 @@ def main() -> None:
         "artifacts": str(args.artifacts),
         "requests": args.requests,
         "baseline": str(args.baseline) if args.baseline else None,
+        "baseline_artifacts": str(trees["old"][1]) if args.baseline else None,
         **figures,
     }
     if args.json_out:
