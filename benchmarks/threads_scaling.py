@@ -12,45 +12,29 @@ the JSON holds both side by side. An older tree may not read today's artifacts (
 moved): ``--baseline-artifacts`` names a build made by that tree. Each run starts in its tree's
 folder and fails unless it imported that tree: ``python -c`` puts the working folder ahead of
 ``PYTHONPATH``, so a baseline started from this checkout would silently have measured this code
-again.
+again (``trees.py``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parents[1]
+from trees import CLI, HERE, run_in_tree
+
 SETTINGS = (("1 thread", 1, 1), ("2 threads", 2, 1), ("4 threads", 4, 1), ("2 processes", 1, 2))
-
-
-# Refuses to run unless ``retrieval`` was imported from the expected tree (argv[1]).
-_RUN = (
-    "import sys; from pathlib import Path; import retrieval; "
-    "got = Path(retrieval.__file__).resolve().parents[1]; "
-    "sys.exit(f'imported {got}, expected {sys.argv[1]}') if str(got) != sys.argv[1] else None; "
-    "del sys.argv[1]; from retrieval.tools.cli import main; raise SystemExit(main())"
-)
 
 
 def bench(
     args: argparse.Namespace, threads: int, processes: int, tree: Path, artifacts: Path
 ) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(tree) + os.pathsep + env.get("PYTHONPATH", "")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
         cmd = [
-            sys.executable,
-            "-c",
-            _RUN,
-            str(tree),
             "bench",
             str(args.config),
             "--artifacts",
@@ -68,7 +52,7 @@ def bench(
         ]
         if args.events:
             cmd += ["--events", str(args.events)]
-        subprocess.run(cmd, env=env, cwd=tree, check=True, stdout=subprocess.DEVNULL)
+        run_in_tree(tree, CLI, cmd, stdout=subprocess.DEVNULL)
         result: dict[str, Any] = json.loads(out.read_text())
     return {
         "p50_ms": result["p50_ms"],

@@ -47,6 +47,7 @@ def test_bench_json_has_the_documented_keys(tmp_path, capsys):
     for key in ("requests", "concurrency", "p50_ms", "p95_ms", "p99_ms", "qps", "rss_mb"):
         assert key in d, key
     assert d["requests"] == 60 and d["concurrency"] == 2 and d["rss_mb"] > 0
+    assert isinstance(d["major_faults"], int) and d["major_faults"] >= 0
     assert set(d["sources"]) == {"covisit", "itemcf", "ann", "popular"}
     for s in d["sources"].values():
         assert {"p50_ms", "p99_ms", "timeouts", "errors"} <= set(s)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import concurrent.futures
 import gc
 import multiprocessing
+import resource
 import threading
 import time
 from collections.abc import Callable
@@ -133,7 +134,9 @@ class BenchResult:
     """What a bench run measured: per-blend latencies (ms, on the caller's clock), wall time
     (s), memory (MB: RSS, peak, and the private part, without the page cache the mmapped
     artifacts share), each source's stats and the mean slate size; ``exact`` holds the exact
-    search reference and ANN recall when asked for."""
+    search reference and ANN recall when asked for. ``major_faults``: pages read from disk
+    during the timed run; each stops the thread that touched the page, and one that holds the
+    GIL stops the whole process (a source "could not start" in time then)."""
 
     requests: int
     concurrency: int
@@ -146,6 +149,7 @@ class BenchResult:
     returned: float
     processes: int = 1
     exact: dict[str, Any] = field(default_factory=dict)
+    major_faults: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (what ``--json`` prints and :func:`format_result` reads):
@@ -163,6 +167,7 @@ class BenchResult:
             "rss_peak_mb": round(self.rss_peak_mb, 1),
             "rss_anon_mb": round(self.rss_anon_mb, 1),
             "mean_candidates": round(self.returned, 1),
+            "major_faults": self.major_faults,
             "sources": {
                 name: {
                     "ok": len(s.latencies),
@@ -211,11 +216,13 @@ def run_bench(
             results[i] = retriever.blend(requests[i])
             lat[i] = (time.perf_counter() - t0) * 1000.0
 
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         for f in [pool.submit(worker) for _ in range(concurrency)]:
             f.result()
     seconds = time.perf_counter() - t0
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_majflt - faults
     rss, peak, anon = rss_mb(), rss_mb("VmHWM"), rss_mb("RssAnon")
     stats: dict[str, SourceStats] = {}
     for res in results:
@@ -231,7 +238,9 @@ def run_bench(
                 s.errors += 1
                 s.first_error = s.first_error or rep.error
     returned = float(np.mean([len(r) for r in results])) if results else 0.0
-    return BenchResult(len(requests), concurrency, lat, seconds, rss, peak, anon, stats, returned)
+    result = BenchResult(len(requests), concurrency, lat, seconds, rss, peak, anon, stats, returned)
+    result.major_faults = faults
+    return result
 
 
 def run_bench_processes(
@@ -291,6 +300,7 @@ def run_bench_processes(
         sources=sources,
         returned=float(np.mean([p.returned for p in parts])),
         processes=processes,
+        major_faults=sum(p.major_faults for p in parts),
     )
 
 
@@ -412,6 +422,8 @@ def format_result(d: dict[str, Any]) -> str:
         f"{whose} after warm-up and the run: {d['rss_mb']:.0f} MB; "
         f"{d['rss_anon_mb']:.0f} MB {private} (the rest: mmapped artifacts in the shared page "
         f"cache); peak {d['rss_peak_mb']:.0f} MB",
+        f"major page faults during the run: {d.get('major_faults', 0)} (pages read from disk; "
+        "one taken while holding the GIL stalls every thread of its process)",
         f"{'source':<14} {'p50 ms':>8} {'p99 ms':>8} {'timeouts':>9} {'errors':>7} {'skipped':>8}",
     ]
     for name, s in d["sources"].items():
