@@ -66,6 +66,18 @@ class HistoryEcho(Source):
         return ids, np.linspace(1.0, 0.1, ids.size, dtype=np.float32)
 
 
+class RequestLog(ListSource):
+    """A ``ListSource`` that keeps every request it was asked (the warm-up's among them)."""
+
+    def __init__(self, name: str, params: SourceParams, context: SourceContext) -> None:
+        super().__init__(name, params, context)
+        self.requests: list[Request] = []
+
+    def retrieve(self, request: Request, k: int, deadline: Deadline) -> Ranked:
+        self.requests.append(request)
+        return super().retrieve(request, k, deadline)
+
+
 class CatalogSource(Source):
     """A 'popularity' stand-in over ids 1..n: a slice, so it can backfill anything."""
 

@@ -153,10 +153,10 @@ class Retriever:
         self._closed = False
         if artifacts is not None:
             prefetch.join(timeout=_PREFETCH_WAIT_S)
-        self._warm_up()
-        self._warm_up_blends(artifacts)
         _freeze_heap()
         self._holds_freeze = True
+        self._warm_up()
+        self._warm_up_blends(artifacts)
 
     @property
     def blender(self) -> Blender:
@@ -184,14 +184,21 @@ class Retriever:
         (first-call set-up in numpy, faiss and the kernels' dispatch, the lanes' threads) are
         paid here: with per-source touches alone the first request took 2-3x the p99.
 
+        Every other blend is a known user of the build with logged history (timestamps, event
+        types), the rest anonymous with fresh history: the first real requests take either path
+        (the ANN source's user factors or its re-solved vector), and a path first taken by a
+        real request cost it up to 2x the p99.
+
         Straight through the blender (no store read, no cache write), with the config's own
         deadline, for at most ``budget_s``; the breakers then forget these outcomes.
         """
-        ids_path = None if artifacts is None else artifacts / "ids" / "items.npy"
-        if ids_path is None or not ids_path.is_file():
+        ids = None if artifacts is None else artifacts / "ids"
+        if ids is None or not (ids / "items.npy").is_file():
             return
         with contextlib.suppress(Exception):
-            items = np.load(ids_path, mmap_mode="r")
+            items = np.load(ids / "items.npy", mmap_mode="r")
+            users_path = ids / "users.npy"
+            users = np.load(users_path, mmap_mode="r") if users_path.is_file() else items[:0]
             n = int(items.shape[0])
             if n == 0:
                 return
@@ -201,8 +208,15 @@ class Retriever:
                     break
                 picks = np.linspace(0, n - 1, 10 + i).astype(np.int64)[i % 3 :: 3]
                 history = tuple(items[picks].tolist())
+                logged = i % 2 == 1 and users.shape[0] > 0
+                request = Request(
+                    user_id=users[i * 7919 % users.shape[0]].item() if logged else None,
+                    history=history,
+                    history_timestamps=(0.0,) * len(history) if logged else None,
+                    history_event_types=("warm_up",) * len(history),
+                )
                 with contextlib.suppress(Exception):
-                    self._blender.blend(Request(user_id=None, history=history))
+                    self._blender.blend(request)
         for slot in self._blender.slots:
             slot.breaker.reset()
 
