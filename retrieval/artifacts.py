@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import threading
 import time
 import uuid
@@ -66,6 +67,7 @@ __all__ = [
     "file_sum",
     "fingerprint",
     "load_csr",
+    "map_in_full",
     "new_build_id",
     "open_artifacts",
     "params_hash",
@@ -76,6 +78,7 @@ __all__ = [
     "resolve_build",
     "save_csr",
     "seal_build",
+    "serving_view",
     "source_root",
     "verify_build",
     "verify_file",
@@ -257,9 +260,48 @@ def _load_npy(path: Path, mmap: bool) -> npt.NDArray[Any]:
         arr: npt.NDArray[Any] = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
         raise ArtifactError(f"{path}: not a readable .npy file ({exc})") from exc
-    # A plain ndarray over the same mapping: every slice of an np.memmap is another memmap,
-    # built through Python-level __getitem__/__array_finalize__ (a visible share of a blend).
-    return arr.view(np.ndarray) if isinstance(arr, np.memmap) else arr
+    return serving_view(arr)
+
+
+_MADV_POPULATE_READ = 22  # Linux 5.14+; Python 3.11's mmap module has no name for it
+
+
+def serving_view(arr: npt.NDArray[Any], fill: bool = True) -> npt.NDArray[Any]:
+    """A memory-mapped array as it is served: a plain ndarray over the same mapping, with this
+    process's page tables filled for all of it now (unless ``fill`` is False).
+
+    Every slice of an ``np.memmap`` is another memmap, built through Python-level
+    ``__getitem__``/``__array_finalize__`` (a visible share of a blend). And a fresh process
+    otherwise faults each page in on its first touch, so its first blends ran well behind the
+    steady ones at 10M items (benchmarks/README.md). The files are read into the page cache at
+    load anyway (``prefetch_page_cache``); this maps them. Linux only: elsewhere, or before
+    kernel 5.14, pages are mapped as they are touched, as before.
+    """
+    if not isinstance(arr, np.memmap):
+        return arr
+    mapping = getattr(arr, "_mmap", None)
+    if fill and mapping is not None and sys.platform == "linux":
+        with contextlib.suppress(OSError, ValueError):  # an older kernel: EINVAL
+            mapping.madvise(_MADV_POPULATE_READ)
+    return arr.view(np.ndarray)
+
+
+def map_in_full(path: Path) -> None:
+    """``serving_view``'s page-table fill for the mappings a library made of ``path`` itself
+    (faiss maps its index file): found in ``/proc/self/maps``. Linux only; a no-op elsewhere."""
+    if sys.platform != "linux":
+        return
+    target = str(Path(path).resolve())
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:
+            lines = [line.split(maxsplit=5) for line in maps]
+    except OSError:
+        return
+    madvise = ctypes.CDLL(None, use_errno=True).madvise
+    for fields in lines:
+        if len(fields) == 6 and fields[5].rstrip("\n") == target:
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_POPULATE_READ)
 
 
 # --------------------------------------------------------------------------------------------

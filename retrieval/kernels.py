@@ -66,7 +66,10 @@ class Scratch:
 
     __slots__ = ("gen", "keys", "order", "stamp", "sums")
 
-    def __init__(self, capacity: int = 1 << 14) -> None:
+    def __init__(self, capacity: int = 1 << 16) -> None:
+        """``capacity`` slots (rounded up to a power of two): by default room for the second
+        hop's entries on top of the first hop's, so a default request never grows the table
+        (a grown table's fresh pages are faulted in on the request that grew it)."""
         cap = 1 << max(int(capacity) - 1, 1).bit_length()
         self.keys = np.empty(cap, dtype=np.int64)
         self.sums = np.empty(cap, dtype=np.float64)

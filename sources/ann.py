@@ -40,6 +40,7 @@ from retrieval.artifacts import (
     IdMap,
     read_versioned_json,
     require_finite,
+    serving_view,
     source_root,
 )
 from retrieval.errors import InputError
@@ -448,7 +449,13 @@ class AnnSource(Source[AnnParams]):
         self.metric: str = meta["metric"]
         self.n_items: int = meta["n_items"]
         self.max_timestamp = float(meta["max_timestamp"])
-        self._items = self._npy(self.dir / "item_factors.npy", (self.n_items, self.dims))
+        # Behind an index the vectors are read only at a request's history rows: mapped as
+        # touched, so the process does not map the whole matrix (RSS) for a few rows a request.
+        self._items = self._npy(
+            self.dir / "item_factors.npy",
+            (self.n_items, self.dims),
+            fill=meta["backend"] == "exact",
+        )
         ids_path = self.dir / "items.npy" if meta["own_ids"] else root / "ids" / "items.npy"
         self.item_ids = IdMap.load(ids_path, mmap=True)
         if len(self.item_ids) != self.n_items:
@@ -494,14 +501,14 @@ class AnnSource(Source[AnnParams]):
         return meta
 
     @staticmethod
-    def _npy(path: Path, shape: tuple[int, int]) -> npt.NDArray[Any]:
+    def _npy(path: Path, shape: tuple[int, int], fill: bool = True) -> npt.NDArray[Any]:
         try:
             arr: npt.NDArray[Any] = np.load(path, mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise ArtifactError(f"{path}: unreadable ({exc}); rebuild") from exc
         if arr.shape != shape or arr.dtype.kind != "f":
             raise ArtifactError(f"{path}: shape {arr.shape} {arr.dtype}, expected {shape} floats")
-        return arr.view(np.ndarray)  # same mapping, without memmap's per-slice Python overhead
+        return serving_view(arr, fill)
 
     def _open_index(self, meta: dict[str, Any]) -> VectorIndex:
         """The backend's index over the item vectors, self-checked: the one place that picks

@@ -28,7 +28,7 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from retrieval.artifacts import ArtifactError
+from retrieval.artifacts import ArtifactError, map_in_full
 from retrieval.types import Deadline
 from sources.ann_exact import exact_top_k
 from sources.vector_index import SELF_CHECK_TOL, scaled_to_deadline, unit_rows
@@ -355,6 +355,7 @@ class FaissIVF:
             index = self.faiss.read_index(str(path), flag)
         except RuntimeError as exc:
             raise ArtifactError(f"{path}: faiss cannot read it ({exc}); rebuild") from exc
+        map_in_full(path)
         ivf = self.faiss.try_extract_index_ivf(index)
         lift = meta.get("lift")  # dot over lifted rows (builds before it: inner product)
         self.lift: float | None = float(lift) if isinstance(lift, (int, float)) else None

@@ -84,8 +84,8 @@ def test_a_request_larger_than_the_scratch_table_grows_it():
     )
     case = {
         "csr": csr,
-        "rows": rng.choice(n, 1000, replace=False).astype(np.int32),
-        "weights": np.ones(1000, np.float32),
+        "rows": rng.choice(n, 6000, replace=False).astype(np.int32),
+        "weights": np.ones(6000, np.float32),
         "k": 5000,
         "drop": None,
         "self_weight": 1.0,
@@ -93,7 +93,7 @@ def test_a_request_larger_than_the_scratch_table_grows_it():
     }
     before = kernels.scratch().capacity
     got, want = run_aggregate(aggregate, case), run_aggregate(aggregate_numpy, case)
-    assert kernels.scratch().capacity > before >= 0  # ~100k entries: kept for the next call
+    assert kernels.scratch().capacity > before >= 0  # ~60k entries: kept for the next call
     assert got[0].size == 5000
     assert same_bits(got[0], want[0]) and same_bits(got[1], want[1])
 
