@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from trees import HERE, run_in_tree
+from trees import add_baseline_arguments, run_in_tree, trees_to_run
 
 COUNTER_C = r"""
 #include <stdatomic.h>
@@ -86,18 +86,10 @@ def main() -> None:
     ap.add_argument("--artifacts", type=Path, required=True)
     ap.add_argument("--events", type=Path, required=True)
     ap.add_argument("--blends", type=int, default=2000)
-    ap.add_argument("--baseline", type=Path, help="a checkout of the code to compare against")
-    ap.add_argument(
-        "--baseline-artifacts", type=Path, help="the baseline's own build (default: --artifacts)"
-    )
+    add_baseline_arguments(ap)
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
-    for name in ("config", "artifacts", "events", "baseline_artifacts"):
-        if getattr(args, name) is not None:
-            setattr(args, name, getattr(args, name).resolve())
-    runs = {"new": (HERE, args.artifacts)}
-    if args.baseline:
-        runs["old"] = (args.baseline.resolve(), args.baseline_artifacts or args.artifacts)
+    runs = trees_to_run(args)
     doc: dict = {"config": str(args.config), "blends": args.blends}
     with tempfile.TemporaryDirectory() as tmp:
         source, counter = Path(tmp) / "counter.c", Path(tmp) / "counter.so"

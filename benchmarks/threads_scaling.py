@@ -24,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from trees import CLI, HERE, run_in_tree
+from trees import CLI, add_baseline_arguments, run_in_tree, trees_to_run
 
 SETTINGS = (("1 thread", 1, 1), ("2 threads", 2, 1), ("4 threads", 4, 1), ("2 processes", 1, 2))
 
@@ -68,20 +68,11 @@ def main() -> None:
     ap.add_argument("config", type=Path)
     ap.add_argument("--artifacts", type=Path, required=True)
     ap.add_argument("--events", type=Path)
-    ap.add_argument("--baseline", type=Path, help="a checkout of the code to compare against")
-    ap.add_argument(
-        "--baseline-artifacts", type=Path, help="the baseline's own build (default: --artifacts)"
-    )
+    add_baseline_arguments(ap)
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--json-out", type=Path)
     args = ap.parse_args()
-    # Absolute: each run starts in its own tree's folder.
-    for name in ("config", "artifacts", "events", "baseline_artifacts"):
-        if getattr(args, name) is not None:
-            setattr(args, name, getattr(args, name).resolve())
-    trees: dict[str, tuple[Path, Path]] = {"new": (HERE, args.artifacts)}
-    if args.baseline:
-        trees["old"] = (args.baseline.resolve(), args.baseline_artifacts or args.artifacts)
+    trees = trees_to_run(args)
     figures: dict[str, dict[str, dict]] = {name: {} for name in trees}
     for label, threads, processes in SETTINGS:
         for name, (tree, artifacts) in trees.items():

@@ -7,6 +7,7 @@ checkout's folder would import this checkout again and compare the new code with
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -42,3 +43,24 @@ def run_in_tree(
     full_env["PYTHONPATH"] = str(tree) + os.pathsep + full_env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-c", _CHECK + code, str(tree), *args]
     return subprocess.run(cmd, env=full_env, cwd=tree, check=True, **kwargs)
+
+
+def add_baseline_arguments(ap: argparse.ArgumentParser) -> None:
+    """``--baseline OLD_TREE`` and ``--baseline-artifacts OLD_DIR``: older code may not read
+    today's artifacts (the formats moved), so it can serve a build of its own."""
+    ap.add_argument("--baseline", type=Path, help="a checkout of the code to compare against")
+    ap.add_argument(
+        "--baseline-artifacts", type=Path, help="the baseline's own build (default: --artifacts)"
+    )
+
+
+def trees_to_run(args: argparse.Namespace) -> dict[str, tuple[Path, Path]]:
+    """``new`` (this checkout) and, with ``--baseline``, ``old``: each tree and the build it
+    serves. The path arguments are made absolute first: each run starts in its tree's folder."""
+    for name in ("config", "artifacts", "events", "baseline_artifacts"):
+        if getattr(args, name, None) is not None:
+            setattr(args, name, getattr(args, name).resolve())
+    runs = {"new": (HERE, args.artifacts)}
+    if args.baseline:
+        runs["old"] = (args.baseline.resolve(), args.baseline_artifacts or args.artifacts)
+    return runs
