@@ -266,7 +266,7 @@ def test_readiness_waits_for_the_build(built: dict[str, Path], serve: Any) -> No
         "params: {load_s: 3}}\n"
     )
     server = serve(cfg)
-    seen_loading = False
+    seen_loading = refused = False
     end = time.monotonic() + 60
     while time.monotonic() < end:
         try:
@@ -278,11 +278,16 @@ def test_readiness_waits_for_the_build(built: dict[str, Path], serve: Any) -> No
             seen_loading = True
             assert server.request("GET", "/healthz")[0] == 200
             status, headers, body = server.request("POST", "/v1/blend", {"k": 3})
+            if status == 200:  # the load finished between the two requests: ready from now on
+                assert server.request("GET", "/readyz")[0] == 200
+                break
             assert status == 503 and headers.get("retry-after") and "loading" in body["error"]
+            refused = True
         elif ready == 200:
             break
         time.sleep(0.05)
     assert seen_loading, "readyz never said 503 while a 3 s source loaded"
+    assert refused, "no blend was refused while the 3 s source loaded"
     assert server.blend(k=5)["item_ids"] == [1, 2, 3, 4, 5]
 
 
