@@ -186,8 +186,8 @@ class Retriever:
 
         Every other blend is a known user of the build with logged history (timestamps, event
         types), the rest anonymous with fresh history: the first real requests take either path
-        (the ANN source's user factors or its re-solved vector), and a path first taken by a
-        real request cost it up to 2x the p99.
+        (the ANN source's user factors or its re-solved vector), and a path a real request took
+        first made it slower than the p99 (benchmarks/README.md).
 
         Straight through the blender (no store read, no cache write), with the config's own
         deadline, for at most ``budget_s``; the breakers then forget these outcomes.
