@@ -238,9 +238,18 @@ def run_bench(
                 s.errors += 1
                 s.first_error = s.first_error or rep.error
     returned = float(np.mean([len(r) for r in results])) if results else 0.0
-    result = BenchResult(len(requests), concurrency, lat, seconds, rss, peak, anon, stats, returned)
-    result.major_faults = faults
-    return result
+    return BenchResult(
+        requests=len(requests),
+        concurrency=concurrency,
+        latencies_ms=lat,
+        seconds=seconds,
+        rss_mb=rss,
+        rss_peak_mb=peak,
+        rss_anon_mb=anon,
+        sources=stats,
+        returned=returned,
+        major_faults=faults,
+    )
 
 
 def run_bench_processes(
